@@ -1,0 +1,5 @@
+"""``python -m microserve`` runs the CLI."""
+
+from microserve.cli import main
+
+main()

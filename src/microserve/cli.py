@@ -1,0 +1,113 @@
+"""The ``microserve`` command line: flags map onto :class:`~microserve.settings.Settings` fields."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import sys
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from pydantic import ValidationError
+
+from microserve import __version__
+from microserve.settings import Settings
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="An open inference microservice.")
+
+
+def _fail(message: str) -> NoReturn:
+    typer.echo(f"microserve: error: {message}", err=True)
+    raise typer.Exit(code=2)
+
+
+def _settings(**flags: Any) -> Settings:
+    # Only flags the user gave override the environment; pydantic-settings reads MICROSERVE_* for the rest.
+    given = {k: v for k, v in flags.items() if v is not None}
+    try:
+        return Settings(**given)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        _fail(f"invalid setting {'.'.join(str(p) for p in first['loc'])}: {first['msg']}")
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
+    sock.set_inheritable(True)
+    return sock
+
+
+@app.command()
+def serve(
+    model: Annotated[str | None, typer.Option(help="Built-in model name or GGUF path.")] = None,
+    host: Annotated[str | None, typer.Option(help="Address to bind [127.0.0.1].")] = None,
+    port: Annotated[int | None, typer.Option(help="Port [8000].")] = None,
+    served_model_name: Annotated[str | None, typer.Option(help="Name clients use as `model`.")] = None,
+    context_length: Annotated[int | None, typer.Option(help="Tokens per sequence.")] = None,
+    parallel: Annotated[int | None, typer.Option(help="Sequences decoded together [8].")] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads [usable cores].")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Most tokens per decode step [256].")] = None,
+    log_level: Annotated[str | None, typer.Option(help="debug, info, warning or error.")] = None,
+    cache_dir: Annotated[Path | None, typer.Option(help="Model cache [~/.cache/microserve].")] = None,
+) -> None:
+    """Serve a model over an OpenAI-compatible HTTP API."""
+    settings = _settings(
+        model=model,
+        host=host,
+        port=port,
+        served_model_name=served_model_name,
+        context_length=context_length,
+        parallel=parallel,
+        threads=threads,
+        batch_size=batch_size,
+        log_level=log_level,
+        cache_dir=cache_dir,
+    )
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    # Imported here so `microserve version` and `--help` stay fast.
+    import uvicorn
+
+    from microserve.catalog.resolve import resolve_model
+    from microserve.server.app import create_app
+    from microserve.store import ArtifactError, ModelStore
+
+    try:
+        resolved = resolve_model(settings.model, ModelStore(settings.cache_dir), settings.served_model_name)
+    except (ArtifactError, OSError) as exc:
+        _fail(str(exc))
+    sock = _bind(settings.host, settings.port)
+    config = uvicorn.Config(
+        create_app(settings, [resolved]),
+        log_level=settings.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=30,
+    )
+    typer.echo(f"microserve {__version__}: serving {resolved.name} on http://{settings.host}:{settings.port}")
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+@app.command()
+def version() -> None:
+    """Print the package version and the engine library's version."""
+    try:
+        import llama_cpp
+
+        engine = f"llama-cpp-python {llama_cpp.__version__}"
+    except ImportError:  # pragma: no cover - the dependency is mandatory
+        engine = "llama-cpp-python missing"
+    typer.echo(f"microserve {__version__} ({engine})")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

@@ -1,0 +1,115 @@
+"""The engine protocol: the one seam between the services and any inference library.
+
+Services hand an engine token ids and sampling parameters and read back deltas; they never see llama.cpp, vLLM
+or torch. Engines that serve text implement :class:`TextEngine`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
+
+FinishReason = Literal["stop", "length"]
+Task = Literal["chat", "completion", "embedding", "ranking"]
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """How to pick each next token. Neutral values disable a stage."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    ignore_eos: bool = False
+    logit_bias: Mapping[int, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    """One sequence to generate: the prompt as token ids, how to sample, and where to stop."""
+
+    request_id: str
+    prompt_tokens: list[int]
+    params: SamplingParams
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+
+
+@dataclass(slots=True)
+class GenerationDelta:
+    """What a sequence produced since the last delta, plus running usage."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason | None
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """What the services need to know about the loaded model."""
+
+    id: str
+    context_length: int
+    vocab_size: int
+    chat_template: str | None
+    bos_token: str
+    eos_token: str
+    add_bos: bool
+    architecture: str
+    path: str
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    """A snapshot of the engine's load, for health, admission and metrics."""
+
+    running: int
+    waiting: int
+    slots: int
+    kv_used: int
+    kv_total: int
+    prefix_hit_tokens: int
+    steps: int
+
+
+@runtime_checkable
+class TextEngine(Protocol):
+    """An engine that generates text from token ids."""
+
+    @property
+    def info(self) -> ModelInfo: ...
+
+    @property
+    def ready(self) -> bool: ...
+
+    async def start(self) -> None:
+        """Load the model and run a warm-up decode; ``ready`` is true afterwards."""
+
+    async def shutdown(self) -> None:
+        """Stop the engine and free the model."""
+
+    def tokenize(self, text: str, *, add_special: bool, parse_special: bool = True) -> list[int]:
+        """Token ids of ``text`` with the model's tokenizer."""
+        ...
+
+    def token_ids(self, text: str) -> list[int]:
+        """Ids of a special-token string (``<end_of_turn>``); empty if the vocabulary lacks it."""
+        ...
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
+        """Stream deltas until the sequence finishes; closing the iterator cancels the sequence."""
+        ...
+
+    def stats(self) -> EngineStats:
+        """Current load."""
+        ...

@@ -1,0 +1,319 @@
+"""Continuous batching over one llama.cpp context.
+
+One thread owns the context. Each step it admits waiting sequences into free slots (reusing the slot whose cached
+tokens share the longest prefix with the prompt), packs the next token of every running sequence plus bounded
+chunks of pending prompts into a single ``llama_decode``, samples each sequence with its own sampler chain, and
+posts the sampled tokens to the requests' asyncio queues in one ``call_soon_threadsafe`` per step. It never waits
+on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import llama_cpp as L
+
+from microserve.engines.base import EngineStats, SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Token:
+    """One sampled token, posted to the request's queue."""
+
+    id: int
+    finish: str | None
+
+
+@dataclass(slots=True)
+class Failure:
+    """The engine could not serve the sequence; posted instead of a token."""
+
+    message: str
+
+
+@dataclass(slots=True)
+class Admitted:
+    """Posted once a sequence has a slot: how much of its prompt came from the prefix cache."""
+
+    cached_tokens: int
+
+
+Event = Token | Failure | Admitted
+
+
+@dataclass(eq=False, slots=True)
+class Sequence:
+    """A request as the engine thread sees it."""
+
+    prompt: list[int]
+    params: SamplingParams
+    stop_ids: frozenset[int]
+    loop: asyncio.AbstractEventLoop
+    out: asyncio.Queue[Event]
+    cancelled: bool = False
+    slot: Slot | None = None
+    sampler: L.llama_sampler_p | None = None
+    prefilled: int = 0
+    generated: int = 0
+    next_token: int = -1
+    arrival: float = field(default_factory=time.monotonic)
+
+
+@dataclass(eq=False, slots=True)
+class Slot:
+    """A sequence id in the context and the tokens its KV cells hold."""
+
+    seq_id: int
+    tokens: list[int] = field(default_factory=list)
+    last_used: int = 0
+    seq: Sequence | None = None
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of two token lists."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class Scheduler:
+    """The engine thread's loop; created with a loaded context, driven by ``submit`` and ``cancel``."""
+
+    def __init__(
+        self,
+        ctx: L.llama_context_p,
+        *,
+        n_slots: int,
+        n_ctx_seq: int,
+        batch_size: int,
+        sampler_factory: Callable[[SamplingParams], L.llama_sampler_p],
+        eog_ids: frozenset[int],
+    ) -> None:
+        self._ctx = ctx
+        self._mem = L.llama_get_memory(ctx)
+        self._n_ctx_seq = n_ctx_seq
+        self._batch_size = batch_size
+        self._batch = L.llama_batch_init(batch_size, 0, 1)
+        self._make_sampler = sampler_factory
+        self._eog = eog_ids
+        self._slots = [Slot(seq_id=i) for i in range(n_slots)]
+        self._inbox: queue.SimpleQueue[Sequence | None] = queue.SimpleQueue()
+        self._waiting: deque[Sequence] = deque()
+        self._running: list[Sequence] = []
+        self._clock = itertools.count(1)
+        self._thread = threading.Thread(target=self._run, name="microserve-engine", daemon=True)
+        self._stopping = False
+        self.steps = 0
+        self.prefix_hit_tokens = 0
+
+    # -- called from the event loop ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the engine thread."""
+        self._thread.start()
+
+    def submit(self, seq: Sequence) -> None:
+        """Queue a sequence; it is admitted in arrival order as slots free up."""
+        self._inbox.put(seq)
+
+    def cancel(self, seq: Sequence) -> None:
+        """Stop a sequence at the next step and free its slot; safe to call at any time, more than once."""
+        seq.cancelled = True
+        self._inbox.put(None)  # wakes an idle engine thread so the cancellation is seen promptly
+
+    def stop(self) -> None:
+        """Stop the engine thread after the current step and wait for it."""
+        self._stopping = True
+        self._inbox.put(None)
+        self._thread.join(timeout=30)
+        L.llama_batch_free(self._batch)
+
+    def stats(self) -> EngineStats:
+        """Counts read without locking: each is a single attribute read, good enough for monitoring."""
+        used = sum(len(s.tokens) for s in self._slots)
+        return EngineStats(
+            running=len(self._running),
+            waiting=len(self._waiting) + self._inbox.qsize(),
+            slots=len(self._slots),
+            kv_used=used,
+            kv_total=self._n_ctx_seq * len(self._slots),
+            prefix_hit_tokens=self.prefix_hit_tokens,
+            steps=self.steps,
+        )
+
+    # -- the engine thread ------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stopping:
+            idle = not self._running and not self._waiting
+            self._drain_inbox(block=idle)
+            if self._stopping:
+                break
+            self._drop_cancelled()
+            self._admit()
+            if self._running:
+                self._step()
+        for seq in [*self._running, *self._waiting]:
+            self._post([(seq, Failure("the engine is shutting down"))])
+            self._release(seq)
+
+    def _drain_inbox(self, *, block: bool) -> None:
+        try:
+            item = self._inbox.get(block=block)
+            while True:
+                if item is not None:
+                    self._waiting.append(item)
+                item = self._inbox.get_nowait()
+        except queue.Empty:
+            return
+
+    def _drop_cancelled(self) -> None:
+        if any(s.cancelled for s in self._waiting):
+            self._waiting = deque(s for s in self._waiting if not s.cancelled)
+        for seq in [s for s in self._running if s.cancelled]:
+            self._release(seq)
+
+    def _admit(self) -> None:
+        while self._waiting:
+            free = [s for s in self._slots if s.seq is None]
+            if not free:
+                return
+            seq = self._waiting.popleft()
+            slot, reuse = self._pick_slot(free, seq.prompt)
+            if reuse < len(slot.tokens) and not L.llama_memory_seq_rm(self._mem, slot.seq_id, reuse, -1):
+                # Some caches (recurrent, sliding-window) cannot drop a tail: start the slot afresh.
+                L.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
+                reuse = 0
+            del slot.tokens[reuse:]
+            slot.seq = seq
+            slot.last_used = next(self._clock)
+            seq.slot = slot
+            seq.prefilled = reuse
+            seq.sampler = self._make_sampler(seq.params)
+            self.prefix_hit_tokens += reuse
+            self._running.append(seq)
+            self._post([(seq, Admitted(reuse))])
+
+    def _pick_slot(self, free: list[Slot], prompt: list[int]) -> tuple[Slot, int]:
+        best, best_len = free[0], -1
+        for slot in free:
+            n = common_prefix(slot.tokens, prompt)
+            if n > best_len or (n == best_len and slot.last_used < best.last_used):
+                best, best_len = slot, n
+        # At least one prompt token must be decoded to get logits for the first sampled token.
+        return best, min(best_len, len(prompt) - 1)
+
+    def _step(self) -> None:
+        batch = self._batch
+        n = 0
+        sample_at: list[tuple[Sequence, int]] = []
+
+        def add(seq: Sequence, token: int, want_logits: bool) -> None:
+            nonlocal n
+            slot = seq.slot
+            assert slot is not None
+            batch.token[n] = token
+            batch.pos[n] = len(slot.tokens)
+            batch.n_seq_id[n] = 1
+            batch.seq_id[n][0] = slot.seq_id
+            batch.logits[n] = want_logits
+            slot.tokens.append(token)
+            if want_logits:
+                sample_at.append((seq, n))
+            n += 1
+
+        # Decoding sequences first: one token each keeps every running stream moving every step.
+        for seq in self._running:
+            if seq.prefilled == len(seq.prompt):
+                add(seq, seq.next_token, True)
+        # Then prompt chunks, oldest first, within what is left of the step's token budget.
+        for seq in self._running:
+            budget = self._batch_size - n
+            if budget <= 0:
+                break
+            remaining = len(seq.prompt) - seq.prefilled
+            if remaining <= 0:
+                continue
+            take = min(budget, remaining)
+            start = seq.prefilled
+            for i in range(start, start + take):
+                add(seq, seq.prompt[i], i == len(seq.prompt) - 1)
+            seq.prefilled += take
+        if n == 0:
+            return
+        batch.n_tokens = n
+        rc = L.llama_decode(self._ctx, batch)
+        self.steps += 1
+        if rc != 0:
+            self._fail_batch(sample_at, rc)
+            return
+        events: list[tuple[Sequence, Event]] = []
+        finished: list[Sequence] = []
+        for seq, idx in sample_at:
+            token = L.llama_sampler_sample(seq.sampler, self._ctx, idx)
+            seq.generated += 1
+            finish: str | None = None
+            if token in seq.stop_ids or (token in self._eog and not seq.params.ignore_eos):
+                finish = "stop"
+            elif seq.generated >= seq.params.max_tokens or len(seq.prompt) + seq.generated >= self._n_ctx_seq:
+                finish = "length"
+            events.append((seq, Token(token, finish)))
+            if finish:
+                finished.append(seq)
+            else:
+                seq.next_token = token
+        # Release before posting, so that a client that sees its last token also sees its slot free.
+        for seq in finished:
+            self._release(seq)
+        self._post(events)
+
+    def _fail_batch(self, sample_at: list[tuple[Sequence, int]], rc: int) -> None:
+        log.error("llama_decode failed with status %d; failing the %d sequences in the batch", rc, len(sample_at))
+        victims = list(self._running)
+        self._post([(seq, Failure(f"llama_decode failed with status {rc}")) for seq in victims])
+        for seq in victims:
+            slot = seq.slot
+            self._release(seq)
+            if slot is not None:
+                L.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
+                slot.tokens.clear()
+
+    def _release(self, seq: Sequence) -> None:
+        # The slot keeps its KV cells and token list so a later prompt with the same prefix can reuse them.
+        if seq in self._running:
+            self._running.remove(seq)
+        if seq.slot is not None:
+            seq.slot.seq = None
+            seq.slot.last_used = next(self._clock)
+            seq.slot = None
+        if seq.sampler is not None:
+            L.llama_sampler_free(seq.sampler)
+            seq.sampler = None
+
+    @staticmethod
+    def _post(events: list[tuple[Sequence, Event]]) -> None:
+        if not events:
+            return
+        loop = events[0][0].loop
+        try:
+            loop.call_soon_threadsafe(_deliver, events)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            pass
+
+
+def _deliver(events: list[tuple[Sequence, Event]]) -> None:
+    for seq, event in events:
+        seq.out.put_nowait(event)

@@ -1,0 +1,55 @@
+"""Errors that carry their HTTP meaning, raised by services and engines, rendered by the server."""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """An error a client should see, in OpenAI's shape: message, type, param, code and an HTTP status."""
+
+    status_code = 500
+    error_type = "internal_server_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict[str, dict[str, str | None]]:
+        """The JSON body OpenAI clients parse."""
+        return {"error": {"message": self.message, "type": self.error_type, "param": self.param, "code": self.code}}
+
+
+class InvalidRequest(ServiceError):
+    """A field value the service cannot honour (400)."""
+
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class ModelNotFound(ServiceError):
+    """The request names a model this service does not serve (404)."""
+
+    status_code = 404
+    error_type = "invalid_request_error"
+
+    def __init__(self, model: str, served: list[str]) -> None:
+        super().__init__(
+            f"The model `{model}` does not exist. Served models: {', '.join(served)}.",
+            param="model",
+            code="model_not_found",
+        )
+
+
+class NotReady(ServiceError):
+    """The engine is loading or draining (503)."""
+
+    status_code = 503
+    error_type = "service_unavailable"
+
+
+class EngineFailure(ServiceError):
+    """The engine failed while serving this request (500); the service itself stays up."""
+
+    status_code = 500
+    error_type = "internal_server_error"

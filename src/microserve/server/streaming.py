@@ -1,0 +1,63 @@
+"""SSE framing and client-disconnect handling for the OpenAI routes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable
+from typing import TypeVar
+
+from pydantic import BaseModel
+from starlette.requests import Request
+from starlette.responses import StreamingResponse
+
+from microserve.errors import ServiceError
+from microserve.server.errors import error_body
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+DONE = b"data: [DONE]\n\n"
+
+
+async def sse_lines(chunks: AsyncIterator[BaseModel]) -> AsyncIterator[bytes]:
+    """``data: {json}`` events, then ``data: [DONE]``; an error mid-stream becomes an error event."""
+    try:
+        async for chunk in chunks:
+            yield b"data: " + chunk.model_dump_json(exclude_none=True).encode() + b"\n\n"
+    except ServiceError as exc:
+        yield b"data: " + json.dumps(exc.body()).encode() + b"\n\n"
+        return
+    except Exception as exc:
+        log.exception("stream failed")
+        yield b"data: " + json.dumps(error_body(500, f"internal error: {exc}")).encode() + b"\n\n"
+        return
+    yield DONE
+
+
+def sse_response(chunks: AsyncIterator[BaseModel]) -> StreamingResponse:
+    """A streamed response; Starlette cancels the generator (and so the sequence) when the client leaves."""
+    return StreamingResponse(
+        sse_lines(chunks),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work``, cancelling it if the client disconnects first (frees the engine sequence)."""
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                task.cancel()
+                return
+
+    watcher = asyncio.create_task(watch())
+    try:
+        return await task
+    finally:
+        watcher.cancel()

@@ -1,0 +1,50 @@
+"""Every knob of the service, in one pydantic-settings object.
+
+Values come from (highest first): CLI flags, ``MICROSERVE_*`` environment variables, defaults.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def _default_cache() -> Path:
+    return Path.home() / ".cache" / "microserve"
+
+
+class Settings(BaseSettings):
+    """Service configuration. Each field maps to ``MICROSERVE_<NAME>`` and to a ``microserve serve`` flag."""
+
+    model_config = SettingsConfigDict(env_prefix="MICROSERVE_", extra="ignore", populate_by_name=True)
+
+    host: str = Field("127.0.0.1", description="Address to bind.")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on.")
+    model: str = Field(DEFAULT_MODEL, description="A built-in model name or a path to a GGUF file.")
+    served_model_name: str | None = Field(
+        None, description="Name clients send as `model`; defaults to the built-in id or the file's stem."
+    )
+    context_length: int | None = Field(
+        None, ge=16, description="Tokens per sequence (prompt + completion); default min(model's, 4096)."
+    )
+    parallel: int = Field(8, ge=1, le=256, description="Sequence slots decoded together in one batch.")
+    threads: int | None = Field(None, ge=1, description="CPU threads for llama.cpp; default the usable cores.")
+    batch_size: int = Field(
+        256, ge=16, description="Most tokens in one decode step (decode tokens plus prompt chunks)."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log verbosity.")
+    cache_dir: Path = Field(
+        default_factory=_default_cache,
+        validation_alias=AliasChoices("MICROSERVE_CACHE", "cache_dir"),
+        description="Where model artifacts are placed and verified.",
+    )
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
