@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from typing import TypeVar
+from typing import TypeVar, cast
 
 T = TypeVar("T")
 
@@ -34,13 +34,13 @@ async def interleave(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int
     try:
         remaining = len(tasks)
         while remaining:
-            index, item, error, finished = await queue.get()
+            index, value, error, finished = await queue.get()
             if error is not None:
                 raise error
             if finished:
                 remaining -= 1
                 continue
-            yield index, item  # type: ignore[misc]
+            yield index, cast(T, value)
     finally:
         for task in tasks:
             task.cancel()
