@@ -26,12 +26,11 @@ import numpy.typing as npt
 
 THREADS = 2
 MAX_SEQ = 256
-BACKENDS = ("st", "torch", "ort", "ort-fused", "llamacpp")
+BACKENDS = ("st", "torch", "ort", "llamacpp")
 LABELS = {
     "st": "sentence-transformers (torch)",
     "torch": "transformers AutoModel (torch)",
     "ort": "ONNX Runtime",
-    "ort-fused": "ONNX Runtime + BERT fusion",
     "llamacpp": "llama.cpp (GGUF f32)",
 }
 REFERENCE = ["A cat sits on the mat", "A kitten is on the rug", "Stock markets fell sharply"]
@@ -50,9 +49,7 @@ _WORDS = (
 def sentences(n: int, seed: int = 0) -> list[str]:
     """``n`` deterministic short sentences of 10 to 20 words."""
     rng = random.Random(seed)
-    return [
-        " ".join(rng.choice(_WORDS) for _ in range(rng.randint(10, 20))).capitalize() + "." for _ in range(n)
-    ]
+    return [" ".join(rng.choice(_WORDS) for _ in range(rng.randint(10, 20))).capitalize() + "." for _ in range(n)]
 
 
 def model_dir() -> Path:
@@ -205,24 +202,6 @@ def load_ort(path: Path, cache: Path) -> Encoder:
     return _ort_encoder(cache / "model.onnx", path)
 
 
-def load_ort_fused(path: Path, cache: Path) -> Encoder:
-    """ONNX Runtime on the graph after onnxruntime's BERT fusion pass (attention, LayerNorm, GELU)."""
-    fused = cache / "model.fused.onnx"
-    if not fused.exists():
-        from onnxruntime.transformers.optimizer import optimize_model
-
-        config = json.loads((path / "config.json").read_text())
-        optimized = optimize_model(
-            str(cache / "model.onnx"),
-            model_type="bert",
-            num_heads=config["num_attention_heads"],
-            hidden_size=config["hidden_size"],
-        )
-        print("fusion:", optimized.get_fused_operator_statistics(), file=sys.stderr)
-        optimized.save_model_to_file(str(fused))
-    return _ort_encoder(fused, path)
-
-
 def write_gguf(path: Path, target: Path) -> None:
     """Write a BERT GGUF from the safetensors weights, as llama.cpp's converter does for BERT models."""
     import gguf
@@ -254,9 +233,7 @@ def write_gguf(path: Path, target: Path) -> None:
     writer.add_tokenizer_model("bert")
     writer.add_tokenizer_pre("default")
     writer.add_token_list([phantom(t) for t in tokens])
-    writer.add_token_types(
-        [gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in tokens]
-    )
+    writer.add_token_types([gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in tokens])
     writer.add_token_type_count(config["type_vocab_size"])
     writer.add_bos_token_id(vocab["[CLS]"])
     writer.add_sep_token_id(vocab["[SEP]"])
@@ -266,7 +243,7 @@ def write_gguf(path: Path, target: Path) -> None:
 
     names = gguf.TensorNameMap(gguf.MODEL_ARCH.BERT, layers)
     with safe_open(str(path / "model.safetensors"), "np") as weights:
-        for key in weights.keys():  # noqa: SIM118 - safe_open is not a mapping
+        for key in weights.keys():
             name = names.get_name(key, try_suffixes=(".weight", ".bias"))
             if name is None:  # position_ids and the unused pooler
                 continue
@@ -307,7 +284,6 @@ LOADERS: dict[str, Callable[[Path, Path], Encoder]] = {
     "st": load_st,
     "torch": load_torch,
     "ort": load_ort,
-    "ort-fused": load_ort_fused,
     "llamacpp": load_llamacpp,
 }
 
@@ -364,9 +340,7 @@ def run_child(backend: str, cache: Path, repeats: int) -> dict[str, Any] | None:
 
 def main() -> None:
     """Run every backend, then print the table and the ratios to sentence-transformers."""
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--backends", default=",".join(BACKENDS))
     parser.add_argument("--cache-dir", type=Path, default=None)
@@ -390,9 +364,7 @@ def main() -> None:
     print(f"all-MiniLM-L6-v2, {THREADS} threads, {os.cpu_count()} CPUs, best of {args.repeats}")
     if export:
         print(f"ONNX export (once, cached): {export['export_s']:.1f} s, peak {export['peak_mib']:.0f} MiB")
-    header = (
-        f"{'backend':32} {'b=1 sent/s':>11} {'b=32 sent/s':>12} {'load s':>7} {'RSS MiB':>8} {'peak MiB':>9}"
-    )
+    header = f"{'backend':32} {'b=1 sent/s':>11} {'b=32 sent/s':>12} {'load s':>7} {'RSS MiB':>8} {'peak MiB':>9}"
     print(header)
     print("-" * len(header))
     for r in rows:

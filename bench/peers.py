@@ -187,9 +187,7 @@ def ensure_peers(
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point: build the peers if needed and print their paths."""
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", help="llama-cpp-python version (default: the installed one)")
     parser.add_argument("--jobs", "-j", type=int, default=2, help="parallel compile jobs (default 2)")
     parser.add_argument("--force", action="store_true", help="rebuild even if the binaries exist")

@@ -229,9 +229,7 @@ def sweep(
         runs = []
         for _ in range(repeats):
             load1 = os.getloadavg()[0]
-            res = asyncio.run(
-                run_load(server.base_url, model_id, prompt, c, c * requests_per_worker, max_tokens)
-            )
+            res = asyncio.run(run_load(server.base_url, model_id, prompt, c, c * requests_per_worker, max_tokens))
             runs.append(res)
             print(
                 f"  {server.name:<12} c={c:<3} {res.tok_s:7.1f} tok/s  ttft p50 {res.ttft_p50_ms:7.1f} ms  "
@@ -382,13 +380,9 @@ def _int_list(text: str) -> list[int]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Parse command-line arguments."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument(
-        "--model", default="gemma-3-270m", help="gemma-3-270m, smollm2-135m-instruct or a GGUF path"
-    )
+    p.add_argument("--model", default="gemma-3-270m", help="gemma-3-270m, smollm2-135m-instruct or a GGUF path")
     p.add_argument("--threads", "-t", type=int, default=os.cpu_count() or 1, help="threads for every engine")
-    p.add_argument(
-        "--concurrency", type=_int_list, default=[1, 4, 8, 16], help="comma list (default 1,4,8,16)"
-    )
+    p.add_argument("--concurrency", type=_int_list, default=[1, 4, 8, 16], help="comma list (default 1,4,8,16)")
     p.add_argument("--parallel", type=int, default=16, help="server slots (-np / --parallel, default 16)")
     p.add_argument("--ctx-per-slot", type=int, default=512, help="KV context per slot (default 512)")
     p.add_argument("--requests-per-worker", type=int, default=4, help="requests = c x this (default 4)")
@@ -424,9 +418,7 @@ def main(argv: list[str] | None = None) -> int:
                                    args.npp, args.max_tokens, out / "llama-batched-bench.log")  # fmt: skip
         ceiling = {row.b: row for row in ceiling_rows}
         for row in ceiling_rows:
-            print(
-                f"  ceiling B={row.b:<3} S_TG {row.s_tg:7.1f} t/s  S {row.s:7.1f} t/s  S_PP {row.s_pp:7.1f}"
-            )
+            print(f"  ceiling B={row.b:<3} S_TG {row.s_tg:7.1f} t/s  S {row.s:7.1f} t/s  S_PP {row.s_pp:7.1f}")
 
     runs: list[ServerRun] = []
     prompt_tokens = None
@@ -448,9 +440,7 @@ def main(argv: list[str] | None = None) -> int:
         runs.append(run)
 
     if prompt_tokens is not None:
-        print(
-            f"prompt: {prompt_tokens} tokens (llama-server /tokenize, with BOS); ceiling uses -npp {args.npp}"
-        )
+        print(f"prompt: {prompt_tokens} tokens (llama-server /tokenize, with BOS); ceiling uses -npp {args.npp}")
     print_report(ceiling, runs, args.concurrency)
 
     report = {
