@@ -1,4 +1,4 @@
-"""The FastAPI application: routes, error handlers, and the engines' lifecycle."""
+"""The FastAPI application: routes, error handlers, middleware, and the engines' lifecycle."""
 
 from __future__ import annotations
 
@@ -6,36 +6,58 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
+from fastapi.responses import PlainTextResponse
+from starlette.types import Scope
 
 from microserve import __version__
 from microserve.catalog.resolve import ResolvedModel
+from microserve.engines.base import EngineStats
 from microserve.engines.factory import build_text_engine
+from microserve.server.admission import Admission
+from microserve.server.auth import HEALTH_PATHS, METRICS_PATHS, ApiKeyMiddleware, load_key_digests
+from microserve.server.drain import DrainMiddleware, DrainState
 from microserve.server.errors import install_error_handlers
-from microserve.server.logging import RequestLogMiddleware
+from microserve.server.limits import BodyLimitMiddleware
+from microserve.server.logging import RequestLogMiddleware, current_record
+from microserve.server.metrics import InstrumentedEngine, Metrics, metrics_endpoint, route_label
 from microserve.server.routes import health, openai
+from microserve.server.tracing import Tracing
 from microserve.services.chat import ChatService
 from microserve.services.completions import CompletionService
+from microserve.services.limits import RequestLimits
 from microserve.services.registry import ModelRegistry, ServedModel
 from microserve.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings, models: list[ResolvedModel]) -> FastAPI:
-    """An app serving ``models``; engines load in the background so liveness answers at once."""
+def create_app(settings: Settings, models: list[ResolvedModel], *, tracer_provider: Any | None = None) -> FastAPI:
+    """An app serving ``models``; engines load in the background so liveness answers at once.
+
+    ``tracer_provider`` replaces the OTLP exporter that ``OTEL_EXPORTER_OTLP_ENDPOINT`` would set up.
+    """
+    metrics = Metrics()
+    tracing = Tracing(tracer_provider) if tracer_provider is not None else Tracing.from_endpoint(settings.otel_endpoint)
     registry = ModelRegistry(
         [
             ServedModel(
                 name=m.name,
-                engine=build_text_engine(m, settings),
+                engine=InstrumentedEngine(build_text_engine(m, settings), m.name, metrics, tracing),
                 task=m.task,
                 template_family=m.template_family,
             )
             for m in models
         ]
     )
+    admission = {model.name: _gate(model.name, settings, metrics) for model in registry}
+
+    def load() -> list[tuple[str, EngineStats, int]]:
+        return [(m.name, m.engine.stats(), admission[m.name].waiting) for m in registry]
+
+    metrics.watch_load(load)
 
     async def load_all(app: FastAPI) -> None:
         try:
@@ -54,6 +76,7 @@ def create_app(settings: Settings, models: list[ResolvedModel]) -> FastAPI:
             loading.cancel()
             for model in registry:
                 await model.engine.shutdown()
+            tracing.shutdown()
 
     app = FastAPI(
         title="microserve",
@@ -61,13 +84,64 @@ def create_app(settings: Settings, models: list[ResolvedModel]) -> FastAPI:
         description="OpenAI-compatible inference microservice.",
         lifespan=lifespan,
     )
+    limits = RequestLimits(
+        max_tokens=settings.max_tokens_limit,
+        max_messages=settings.max_messages,
+        max_stop_sequences=settings.max_stop_sequences,
+        max_stop_length=settings.max_stop_length,
+        max_n=settings.max_n,
+    )
+    drain = DrainState()
     app.state.settings = settings
     app.state.registry = registry
     app.state.load_error = None
-    app.state.chat = ChatService(registry)
-    app.state.completions = CompletionService(registry)
+    app.state.chat = ChatService(registry, limits)
+    app.state.completions = CompletionService(registry, limits)
+    app.state.admission = admission
+    app.state.metrics = metrics
+    app.state.tracing = tracing
+    app.state.drain = drain
     install_error_handlers(app)
-    app.add_middleware(RequestLogMiddleware)
+
+    def count_response(scope: Scope, status: int) -> None:
+        metrics.http.labels(scope["method"], route_label(scope), str(status)).inc()
+
+    # Added innermost first: log/id → drain gate → API key → body limit → routes.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(ApiKeyMiddleware, digests=load_key_digests(settings), metrics_public=settings.metrics_public)
+    app.add_middleware(DrainMiddleware, state=drain)
+    app.add_middleware(
+        RequestLogMiddleware,
+        on_response=count_response,
+        tracing=tracing,
+        log_prompts=settings.log_prompts,
+        quiet_paths=HEALTH_PATHS | METRICS_PATHS | {"/v1/health/live", "/v1/health/ready"},
+    )
     app.include_router(openai.router)
     app.include_router(health.router)
+    for path in sorted(METRICS_PATHS):
+        app.add_api_route(
+            path,
+            metrics_endpoint,
+            methods=["GET"],
+            tags=["health"],
+            response_class=PlainTextResponse,
+            summary="Prometheus metrics",
+            responses={200: {"content": {"text/plain": {}}}, 401: {"model": openai.ErrorResponse}},
+        )
     return app
+
+
+def _gate(name: str, settings: Settings, metrics: Metrics) -> Admission:
+    def rejected(reason: str) -> None:
+        metrics.rejected.labels(name, reason).inc()
+
+    def admitted(queued: float) -> None:
+        metrics.queue_time.labels(name).observe(queued)
+        record = current_record()
+        if record is not None:
+            record.queue_time = queued
+
+    return Admission(
+        name, settings.parallel, settings.queue_limit, settings.queue_timeout, on_reject=rejected, on_admit=admitted
+    )

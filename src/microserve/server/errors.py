@@ -8,6 +8,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.types import Send
 
 from microserve.errors import ServiceError
 
@@ -28,6 +29,15 @@ def error_body(status: int, message: str, *, param: str | None = None, code: str
     """OpenAI's error shape for a status and message."""
     kind = _STATUS_TYPES.get(status, "internal_server_error" if status >= 500 else "invalid_request_error")
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+async def send_error(
+    send: Send, status: int, message: str, *, headers: dict[str, str] | None = None, code: str | None = None
+) -> None:
+    """Answer from ASGI middleware with an OpenAI error body, before any route runs."""
+    response = JSONResponse(error_body(status, message, code=code), status_code=status, headers=headers)
+    await send({"type": "http.response.start", "status": status, "headers": response.raw_headers})
+    await send({"type": "http.response.body", "body": response.body})
 
 
 def _describe(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -51,7 +61,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _service(_: Request, exc: ServiceError) -> JSONResponse:
         if exc.status_code >= 500:
             log.error("request failed: %s", exc.message)
-        return JSONResponse(exc.body(), status_code=exc.status_code)
+        return JSONResponse(exc.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -1,31 +1,140 @@
-"""One log line per request: id, method, path, status and latency; the id is echoed as ``X-Request-Id``."""
+"""One structured log line per request, the ``X-Request-Id`` echo, HTTP status counts and the request's span.
+
+The line carries the request id (the client's ``X-Request-Id`` or a generated one), method, route, status, model,
+prompt and completion tokens, time to first token and duration; as ``key=value`` text or, with
+``log_format=json``, one JSON object per line. Prompt text is left out unless ``log_prompts`` is on; API keys never
+appear (the Authorization header is not logged).
+"""
 
 from __future__ import annotations
 
+import contextvars
+import json
 import logging
 import time
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+if TYPE_CHECKING:
+    from microserve.server.tracing import Tracing
+
 log = logging.getLogger("microserve.access")
+
+_PROMPT_FIELDS = ("messages", "prompt", "input", "query", "documents")
+_LOG_PROMPT_CHARS = 4096
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    """What one request did, filled in by the layers it passes through and logged when it ends."""
+
+    request_id: str
+    model: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    ttft: float | None = None
+    queue_time: float = 0.0
+    finish_reason: str | None = None
+    # Run when the response is over, however it ended: frees admission slots a stream never got to release.
+    cleanups: list[Callable[[], None]] = field(default_factory=list)
+
+
+_current: contextvars.ContextVar[RequestRecord | None] = contextvars.ContextVar("microserve_request", default=None)
+
+
+def current_record() -> RequestRecord | None:
+    """The record of the request being served in this context, if any."""
+    return _current.get()
+
+
+class JsonFormatter(logging.Formatter):
+    """Log records as JSON lines; a record's ``fields`` extra is merged into the object."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """One JSON object."""
+        out: dict[str, Any] = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            out.update(fields)
+        else:
+            out["message"] = record.getMessage()
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def configure_logging(level: str, log_format: str) -> None:
+    """Root logging for the CLI: text lines or JSON lines on stderr, uvicorn's loggers included."""
+    handler = logging.StreamHandler()
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+        logging.Formatter.converter = time.gmtime
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for name in ("uvicorn", "uvicorn.error"):
+        logging.getLogger(name).handlers[:] = []
+        logging.getLogger(name).propagate = True
+
+
+def _prompt_of(body: bytes) -> Any:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    for key in _PROMPT_FIELDS:
+        if key in data:
+            text = json.dumps(data[key], ensure_ascii=False)
+            return text if len(text) <= _LOG_PROMPT_CHARS else text[:_LOG_PROMPT_CHARS] + "..."
+    return None
 
 
 class RequestLogMiddleware:
     """Pure ASGI middleware, so streamed responses are timed to their last byte without buffering."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        on_response: Callable[[Scope, int], None] | None = None,
+        tracing: Tracing | None = None,
+        log_prompts: bool = False,
+        quiet_paths: frozenset[str] = frozenset(),
+    ) -> None:
         self.app = app
+        self.on_response = on_response
+        self.tracing = tracing
+        self.log_prompts = log_prompts
+        self.quiet_paths = quiet_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = dict(scope.get("headers") or [])
-        request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:128] or uuid.uuid4().hex
+        request_id = ""
+        for name, value in scope.get("headers") or []:
+            if name == b"x-request-id":
+                request_id = value.decode("latin-1")[:128]
+                break
+        request_id = request_id or uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
+        record = RequestRecord(request_id)
+        token = _current.set(record)
         started = time.perf_counter()
         status = 500
+        body: list[bytes] = []
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
@@ -34,14 +143,47 @@ class RequestLogMiddleware:
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
             await send(message)
 
+        async def receive_copy() -> Message:
+            message = await receive()
+            if message["type"] == "http.request" and sum(map(len, body)) < 4 * _LOG_PROMPT_CHARS:
+                body.append(message.get("body", b""))
+            return message
+
+        span_name = f"{scope['method']} {scope['path']}"
         try:
-            await self.app(scope, receive, send_with_id)
+            if self.tracing is not None and self.tracing.enabled:
+                with self.tracing.span(
+                    span_name,
+                    {"http.request.method": scope["method"], "url.path": scope["path"], "request.id": request_id},
+                ) as span:
+                    await self.app(scope, receive_copy if self.log_prompts else receive, send_with_id)
+                    span.set_attribute("http.response.status_code", status)
+            else:
+                await self.app(scope, receive_copy if self.log_prompts else receive, send_with_id)
         finally:
-            log.info(
-                "%s %s %d %.1fms",
-                scope["method"],
-                scope["path"],
-                status,
-                (time.perf_counter() - started) * 1000,
-                extra={"request_id": request_id},
-            )
+            _current.reset(token)
+            for cleanup in record.cleanups:
+                cleanup()
+            if self.on_response is not None:
+                self.on_response(scope, status)
+            if scope["path"] not in self.quiet_paths or status >= 400:
+                self._log(scope, status, record, time.perf_counter() - started, body)
+
+    def _log(self, scope: Scope, status: int, record: RequestRecord, duration: float, body: list[bytes]) -> None:
+        fields: dict[str, Any] = {
+            "request_id": record.request_id,
+            "method": scope["method"],
+            "path": scope["path"],
+            "status": status,
+            "model": record.model,
+            "prompt_tokens": record.prompt_tokens,
+            "completion_tokens": record.completion_tokens,
+            "ttft_ms": round(record.ttft * 1000, 1) if record.ttft is not None else None,
+            "queue_ms": round(record.queue_time * 1000, 1),
+            "duration_ms": round(duration * 1000, 1),
+            "finish_reason": record.finish_reason,
+        }
+        if self.log_prompts and body:
+            fields["prompt"] = _prompt_of(b"".join(body))
+        text = " ".join(f"{k}={json.dumps(v) if isinstance(v, str) and ' ' in v else v}" for k, v in fields.items())
+        log.info("%s", text, extra={"fields": {"message": "request", **fields}})

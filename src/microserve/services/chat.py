@@ -18,6 +18,7 @@ from microserve.protocol.chat import (
     ChatDelta,
 )
 from microserve.protocol.common import PromptTokensDetails, Usage
+from microserve.services.limits import RequestLimits
 from microserve.services.params import resolve_max_tokens, sampling_params, stop_strings
 from microserve.services.registry import ModelRegistry, ServedModel
 
@@ -48,11 +49,14 @@ class PreparedChat:
 class ChatService:
     """Serves ``/v1/chat/completions`` for every chat-capable model in the registry."""
 
-    def __init__(self, registry: ModelRegistry) -> None:
+    def __init__(self, registry: ModelRegistry, limits: RequestLimits | None = None) -> None:
         self._registry = registry
+        self._limits = limits or RequestLimits()
 
     def prepare(self, request: ChatCompletionRequest) -> PreparedChat:
         """Render, tokenize and validate; raises a ServiceError for anything the client must fix."""
+        requested = request.max_completion_tokens or request.max_tokens
+        self._limits.check(request, messages=len(request.messages), requested_tokens=requested)
         model = self._registry.get(request.model)
         engine = model.engine
         template = model.template
@@ -63,9 +67,11 @@ class ChatService:
         info = engine.info
         add_bos = info.add_bos and not (info.bos_token and prompt_text.startswith(info.bos_token))
         prompt = engine.tokenize(prompt_text, add_special=add_bos)
-        requested = request.max_completion_tokens or request.max_tokens
+        room = info.context_length - len(prompt)
+        if requested is None and room >= 1:
+            requested = self._limits.default_max_tokens(room)
         max_tokens = resolve_max_tokens(requested, len(prompt), info.context_length)
-        stops = list(stop_strings(request.stop))
+        stops = list(stop_strings(request.stop, self._limits.max_stop_sequences))
         stop_ids: tuple[int, ...] = ()
         if template.end_of_turn:
             stop_ids = tuple(engine.token_ids(template.end_of_turn))

@@ -13,6 +13,7 @@ from microserve.protocol.common import Usage
 from microserve.protocol.completions import Completion, CompletionChoice, CompletionRequest
 from microserve.services.chat import usage_of
 from microserve.services.fanout import interleave
+from microserve.services.limits import RequestLimits
 from microserve.services.params import resolve_max_tokens, sampling_params, stop_strings
 from microserve.services.registry import ModelRegistry, ServedModel
 
@@ -45,23 +46,28 @@ def _total(usages: list[Usage]) -> Usage:
 class CompletionService:
     """Serves ``/v1/completions``."""
 
-    def __init__(self, registry: ModelRegistry) -> None:
+    def __init__(self, registry: ModelRegistry, limits: RequestLimits | None = None) -> None:
         self._registry = registry
+        self._limits = limits or RequestLimits()
 
     def prepare(self, request: CompletionRequest) -> PreparedCompletion:
         """Tokenize and validate every prompt; raises a ServiceError for anything the client must fix."""
+        self._limits.check(request, requested_tokens=request.max_tokens)
         model = self._registry.get(request.model)
         engine = model.engine
         info = engine.info
         prompts = [request.prompt] if isinstance(request.prompt, str) else list(request.prompt)
         if not prompts:
             raise InvalidRequest("`prompt` must not be an empty list", param="prompt")
-        stops = stop_strings(request.stop)
+        stops = stop_strings(request.stop, self._limits.max_stop_sequences)
         request_id = f"cmpl-{uuid.uuid4().hex}"
         generations = []
         for i, text in enumerate(prompts):
             tokens = engine.tokenize(text, add_special=True)
-            max_tokens = resolve_max_tokens(request.max_tokens, len(tokens), info.context_length)
+            requested = request.max_tokens
+            if requested is None and info.context_length - len(tokens) >= 1:
+                requested = self._limits.default_max_tokens(info.context_length - len(tokens))
+            max_tokens = resolve_max_tokens(requested, len(tokens), info.context_length)
             generations.append(
                 GenerationRequest(
                     request_id=f"{request_id}-{i}",

@@ -9,13 +9,13 @@ from microserve.protocol.common import SamplingFields
 MAX_STOP_SEQUENCES = 4
 
 
-def stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
-    """The request's stop strings as a tuple; empty strings are dropped, more than four is an error."""
+def stop_strings(stop: str | list[str] | None, limit: int = MAX_STOP_SEQUENCES) -> tuple[str, ...]:
+    """The request's stop strings as a tuple; empty strings are dropped, more than ``limit`` is an error."""
     if stop is None:
         return ()
     items = [stop] if isinstance(stop, str) else list(stop)
-    if len(items) > MAX_STOP_SEQUENCES:
-        raise InvalidRequest(f"`stop` takes at most {MAX_STOP_SEQUENCES} sequences, got {len(items)}", param="stop")
+    if len(items) > limit:
+        raise InvalidRequest(f"`stop` takes at most {limit} sequences, got {len(items)}", param="stop")
     return tuple(s for s in items if s)
 
 

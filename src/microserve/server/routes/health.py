@@ -26,6 +26,8 @@ async def live() -> HealthResponse:
 async def ready(request: Request) -> HealthResponse | JSONResponse:
     """200 once every model is loaded and warmed up; 503 before, and while draining."""
     state = request.app.state
+    if state.drain.draining:
+        return JSONResponse(error_body(503, "shutting down"), status_code=503)
     if state.load_error:
         return JSONResponse(error_body(503, f"model failed to load: {state.load_error}"), status_code=503)
     waiting = [m.name for m in state.registry if not m.engine.ready]

@@ -9,7 +9,9 @@ from microserve.protocol.chat import ChatCompletion, ChatCompletionRequest
 from microserve.protocol.common import ErrorResponse
 from microserve.protocol.completions import Completion, CompletionRequest
 from microserve.protocol.models import ModelCard, ModelList
+from microserve.server.admission import admit, releasing
 from microserve.server.streaming import sse_response, until_disconnect
+from microserve.server.tracing import Tracing
 from microserve.services.chat import ChatService
 from microserve.services.completions import CompletionService
 from microserve.services.registry import ModelRegistry
@@ -36,17 +38,29 @@ async def list_models(request: Request) -> ModelList:
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> ChatCompletion | Response:
     """Chat completion, streamed as SSE when ``stream`` is true."""
     service: ChatService = request.app.state.chat
+    tracing: Tracing = request.app.state.tracing
     prepared = service.prepare(body)
+    ticket = await admit(request, prepared.model.name)
     if body.stream:
-        return sse_response(service.stream(prepared))
-    return await until_disconnect(request, service.complete(prepared))
+        return sse_response(releasing(tracing.stream(service.stream(prepared), "chat.completions"), ticket))
+    try:
+        with tracing.span("chat.completions"):
+            return await until_disconnect(request, service.complete(prepared))
+    finally:
+        ticket.release()
 
 
 @router.post("/v1/completions", response_model=Completion)
 async def completions(body: CompletionRequest, request: Request) -> Completion | Response:
     """Text completion of one prompt or a list of prompts, streamed as SSE when ``stream`` is true."""
     service: CompletionService = request.app.state.completions
+    tracing: Tracing = request.app.state.tracing
     prepared = service.prepare(body)
+    ticket = await admit(request, prepared.model.name)
     if body.stream:
-        return sse_response(service.stream(prepared))
-    return await until_disconnect(request, service.complete(prepared))
+        return sse_response(releasing(tracing.stream(service.stream(prepared), "completions"), ticket))
+    try:
+        with tracing.span("completions"):
+            return await until_disconnect(request, service.complete(prepared))
+    finally:
+        ticket.release()

@@ -1,0 +1,108 @@
+"""API keys: every route but the health probes needs ``Authorization: Bearer <key>`` once keys are configured."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from pathlib import Path
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from microserve.server.errors import send_error
+from microserve.settings import Settings
+
+HEALTH_PREFIX = "/v1/health/"
+HEALTH_PATHS = frozenset({"/health"})
+METRICS_PATHS = frozenset({"/metrics", "/v1/metrics"})
+
+_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="microserve"'}
+
+
+class KeyFileError(ValueError):
+    """The key file cannot be read or has a malformed line."""
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode("utf-8")).digest()
+
+
+def load_key_digests(settings: Settings) -> list[bytes]:
+    """SHA-256 digests of every configured key; plain keys are hashed here so only digests stay in memory."""
+    digests: list[bytes] = []
+    if settings.api_keys is not None:
+        digests += [_digest(k.strip()) for k in settings.api_keys.get_secret_value().split(",") if k.strip()]
+    if settings.api_key_file is not None:
+        try:
+            lines = Path(settings.api_key_file).read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            raise KeyFileError(f"cannot read the API key file {settings.api_key_file}: {exc.strerror or exc}") from exc
+        for number, raw in enumerate(lines, start=1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            if line.startswith("sha256:"):
+                try:
+                    digest = bytes.fromhex(line.removeprefix("sha256:"))
+                except ValueError:
+                    digest = b""
+                if len(digest) != 32:
+                    # The line number only: the line itself may be a secret.
+                    raise KeyFileError(f"{settings.api_key_file}:{number}: `sha256:` needs 64 hex digits")
+                digests.append(digest)
+            else:
+                digests.append(_digest(line))
+    return digests
+
+
+def is_public(path: str, metrics_public: bool) -> bool:
+    """Health probes are always open; metrics only when the operator says so."""
+    if path.startswith(HEALTH_PREFIX) or path in HEALTH_PATHS:
+        return True
+    return metrics_public and path in METRICS_PATHS
+
+
+class ApiKeyMiddleware:
+    """Rejects requests without a valid Bearer key with 401 before routing, so new routes are covered too."""
+
+    def __init__(self, app: ASGIApp, digests: list[bytes], metrics_public: bool = False) -> None:
+        self.app = app
+        self.digests = digests
+        self.metrics_public = metrics_public
+
+    def _valid(self, presented: str) -> bool:
+        candidate = _digest(presented)
+        # Compare against every key, without stopping at a match, so timing says nothing about which matched.
+        matched = False
+        for digest in self.digests:
+            matched |= hmac.compare_digest(candidate, digest)
+        return matched
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.digests or is_public(scope["path"], self.metrics_public):
+            await self.app(scope, receive, send)
+            return
+        header = ""
+        for name, value in scope.get("headers") or []:
+            if name == b"authorization":
+                header = value.decode("latin-1")
+                break
+        scheme, _, token = header.partition(" ")
+        if not header:
+            await send_error(
+                send,
+                401,
+                "Missing API key: send it as `Authorization: Bearer <key>`.",
+                headers=_CHALLENGE,
+                code="missing_api_key",
+            )
+            return
+        if scheme.lower() != "bearer" or not self._valid(token.strip()):
+            await send_error(
+                send,
+                401,
+                "Incorrect API key provided.",
+                headers={"WWW-Authenticate": 'Bearer realm="microserve", error="invalid_token"'},
+                code="invalid_api_key",
+            )
+            return
+        await self.app(scope, receive, send)

@@ -1,0 +1,203 @@
+"""Prometheus metrics under the names NIM and vLLM dashboards query, in a registry owned by the app."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from starlette.requests import Request
+from starlette.responses import Response
+
+from microserve.engines.base import EngineStats, GenerationDelta, GenerationRequest, ModelInfo, TextEngine
+from microserve.server.logging import current_record
+from microserve.server.tracing import Tracing
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
+_TOKEN_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5)
+
+
+class _LoadCollector(Collector):
+    """Gauges read from the engines and admission queues at scrape time, so they are never stale."""
+
+    def __init__(self, sources: Callable[[], Iterable[tuple[str, EngineStats, int]]]) -> None:
+        self._sources = sources
+
+    def collect(self) -> Iterable[Metric]:
+        running = GaugeMetricFamily("num_requests_running", "Sequences decoding in the engine.", labels=["model_name"])
+        waiting = GaugeMetricFamily(
+            "num_requests_waiting", "Requests waiting for a slot (admission queue and engine).", labels=["model_name"]
+        )
+        kv = GaugeMetricFamily("kv_cache_usage_perc", "Fraction of KV-cache cells in use (0-1).", labels=["model_name"])
+        prefix = CounterMetricFamily(
+            "prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache.", labels=["model_name"]
+        )
+        for name, stats, queued in self._sources():
+            running.add_metric([name], stats.running)
+            waiting.add_metric([name], stats.waiting + queued)
+            kv.add_metric([name], stats.kv_used / stats.kv_total if stats.kv_total else 0.0)
+            prefix.add_metric([name], stats.prefix_hit_tokens)
+        yield from (running, waiting, kv, prefix)
+
+
+class Metrics:
+    """Every metric of one app; nothing is registered globally, so several apps can live in one process."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.rejected = Counter(
+            "num_requests_rejected", "Requests turned away by admission control.", ["model_name", "reason"], registry=r
+        )
+        self.prompt_tokens = Counter("prompt_tokens", "Prompt tokens processed.", ["model_name"], registry=r)
+        self.generation_tokens = Counter("generation_tokens", "Tokens generated.", ["model_name"], registry=r)
+        self.ttft = Histogram(
+            "time_to_first_token_seconds",
+            "Seconds from engine submission to the first token.",
+            ["model_name"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "inter_token_latency_seconds",
+            "Seconds between consecutive tokens of a sequence.",
+            ["model_name"],
+            buckets=_TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "e2e_request_latency_seconds",
+            "Seconds from admission to the last token, queueing included.",
+            ["model_name"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_time = Histogram(
+            "request_queue_time_seconds",
+            "Seconds a request waited for a slot.",
+            ["model_name"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.success = Counter(
+            "request_success", "Finished sequences by finish reason.", ["model_name", "finished_reason"], registry=r
+        )
+        self.http = Counter(
+            "http_requests", "HTTP responses by method, route and status.", ["method", "path", "status"], registry=r
+        )
+
+    def watch_load(self, sources: Callable[[], Iterable[tuple[str, EngineStats, int]]]) -> None:
+        """Register the scrape-time gauges over ``sources``: (model, engine stats, queued requests) tuples."""
+        self.registry.register(_LoadCollector(sources))
+
+    def render(self) -> bytes:
+        """The text exposition format."""
+        return generate_latest(self.registry)
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    """``GET /v1/metrics`` and ``/metrics``: Prometheus text format."""
+    metrics: Metrics = request.app.state.metrics
+    return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+class InstrumentedEngine:
+    """A TextEngine that records token counts, latencies and finish reasons of every sequence it serves.
+
+    Wrapping the engine, rather than each service, keeps the numbers right for every route that generates.
+    """
+
+    def __init__(self, inner: TextEngine, model_name: str, metrics: Metrics, tracing: Tracing) -> None:
+        self.inner = inner
+        self.model_name = model_name
+        self._metrics = metrics
+        self._tracing = tracing
+
+    @property
+    def info(self) -> ModelInfo:
+        """The wrapped engine's model facts."""
+        return self.inner.info
+
+    @property
+    def ready(self) -> bool:
+        """Whether the wrapped engine is ready."""
+        return self.inner.ready
+
+    async def start(self) -> None:
+        """Start the wrapped engine."""
+        await self.inner.start()
+
+    async def shutdown(self) -> None:
+        """Stop the wrapped engine."""
+        await self.inner.shutdown()
+
+    def tokenize(self, text: str, *, add_special: bool, parse_special: bool = True) -> list[int]:
+        """Tokenize with the wrapped engine."""
+        return self.inner.tokenize(text, add_special=add_special, parse_special=parse_special)
+
+    def token_ids(self, text: str) -> list[int]:
+        """Special-token ids from the wrapped engine."""
+        return self.inner.token_ids(text)
+
+    def stats(self) -> EngineStats:
+        """The wrapped engine's load."""
+        return self.inner.stats()
+
+    def __getattr__(self, name: str) -> object:
+        # Engine-specific extras (detokenize, piece, ...) stay reachable through the wrapper.
+        return getattr(self.inner, name)
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
+        """The wrapped stream, measured; an abandoned stream counts as finished_reason ``abort``."""
+        m = self._metrics
+        name = self.model_name
+        record = current_record()
+        started = time.monotonic()
+        last_at = started
+        completion = 0
+        finish: str | None = None
+        span = self._tracing.start(
+            "engine.generate", {"gen_ai.request.model": name, "gen_ai.usage.input_tokens": len(request.prompt_tokens)}
+        )
+        try:
+            async for delta in self.inner.generate(request):
+                now = time.monotonic()
+                new = max(delta.completion_tokens - completion, 0)
+                if completion == 0 and new:
+                    m.ttft.labels(name).observe(now - started)
+                    if record is not None and record.ttft is None:
+                        record.ttft = now - started
+                    new_after_first = new - 1
+                else:
+                    new_after_first = new
+                # A coalesced delta carries several tokens: spread the gap over them.
+                for _ in range(new_after_first):
+                    m.itl.labels(name).observe((now - last_at) / max(new, 1))
+                completion = delta.completion_tokens
+                last_at = now
+                if delta.finish_reason is not None:
+                    finish = delta.finish_reason
+                yield delta
+        finally:
+            m.prompt_tokens.labels(name).inc(len(request.prompt_tokens))
+            m.generation_tokens.labels(name).inc(completion)
+            m.success.labels(name, finish or "abort").inc()
+            queued = record.queue_time if record is not None else 0.0
+            m.e2e.labels(name).observe(time.monotonic() - started + queued)
+            if record is not None:
+                record.model = name
+                record.prompt_tokens += len(request.prompt_tokens)
+                record.completion_tokens += completion
+                record.finish_reason = finish or "abort"
+            span.set_attribute("gen_ai.usage.output_tokens", completion)
+            span.set_attribute("gen_ai.response.finish_reason", finish or "abort")
+            span.end()
+
+
+def route_label(scope: Mapping[str, object]) -> str:
+    """The matched route's template (bounded cardinality), or ``unmatched``."""
+    route = scope.get("route")
+    path = getattr(route, "path", None)
+    return path if isinstance(path, str) else "unmatched"
