@@ -263,8 +263,16 @@ def test_a_client_leaving_the_queue_gives_its_place_up(guarded: Server) -> None:
 
     async def main() -> None:
         async with httpx.AsyncClient(base_url=guarded.v1, headers=AUTH, timeout=120) as http:
-            holders = [asyncio.create_task(_abort_stream(http, long)) for _ in range(2)]
-            await asyncio.sleep(0)
+            release = asyncio.Event()
+
+            async def hold() -> None:
+                async with http.stream("POST", "/chat/completions", json=long) as response:
+                    async for _ in response.aiter_lines():
+                        if release.is_set():
+                            return
+
+            holders = [asyncio.create_task(hold()) for _ in range(2)]
+            assert await settle(guarded, "num_requests_running", lambda v: v == 2, 30) == 2
             # Both slots taken (200 tokens each): these wait in the queue until cancelled.
             queued = [asyncio.create_task(http.post("/chat/completions", json=chat_body())) for _ in range(3)]
             assert await settle(guarded, "num_requests_waiting", lambda v: v >= 3, 30) == 3
@@ -272,6 +280,8 @@ def test_a_client_leaving_the_queue_gives_its_place_up(guarded: Server) -> None:
                 task.cancel()
             await asyncio.gather(*queued, return_exceptions=True)
             assert await settle(guarded, "num_requests_waiting", lambda v: v == 0, 5) == 0
+            assert await settle(guarded, "num_requests_running", lambda v: v == 2, 1) == 2
+            release.set()
             await asyncio.gather(*holders)
 
     asyncio.run(main())
