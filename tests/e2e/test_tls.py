@@ -20,11 +20,23 @@ MODEL = "smollm2-135m-instruct"
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
 
 
+OPENSSL_REQ = ("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1")
+
+
 def self_signed(tmp: Path, name: str, san: str) -> tuple[Path, Path]:
     cert, key = tmp / f"{name}.pem", tmp / f"{name}.key"
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", f"/CN={name}"]
-        + ["-addext", f"subjectAltName={san}", "-keyout", str(key), "-out", str(cert)],
+        [
+            *OPENSSL_REQ,
+            "-subj",
+            f"/CN={name}",
+            "-addext",
+            f"subjectAltName={san}",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
         check=True,
         capture_output=True,
     )
@@ -37,8 +49,10 @@ def test_https_with_client_certificates(tmp_path: Path) -> None:
     port = free_port()
     log = tmp_path / "server.log"
     process = subprocess.Popen(
-        [sys.executable, "-m", "microserve", "serve", "--port", str(port), "--parallel", "1"]
-        + ["--ssl-certfile", str(server_cert), "--ssl-keyfile", str(server_key), "--ssl-ca-certs", str(client_cert)],
+        [
+            *(sys.executable, "-m", "microserve", "serve", "--port", str(port), "--parallel", "1"),
+            *("--ssl-certfile", str(server_cert), "--ssl-keyfile", str(server_key), "--ssl-ca-certs", str(client_cert)),
+        ],
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
