@@ -105,18 +105,22 @@ class Admission:
             self._on_admit(queued)
         return Ticket(self, queued)
 
-    async def acquire(self) -> Ticket:
-        """A slot, after waiting in the queue if need be; raises QueueFull or QueueTimeout."""
-        if self.running < self.slots and not self.waiting:
-            self.running += 1
-            return self._admitted(0.0)
-        if self.waiting >= self.max_queue:
+    def check_capacity(self) -> None:
+        """Raise QueueFull now if a new request could not even queue, before any work is spent on it."""
+        if self.running >= self.slots and self.waiting >= self.max_queue:
             self._reject("queue_full")
             raise QueueFull(
                 f"The server is at capacity for `{self.name}`: {self.slots} requests running and {self.max_queue} "
                 "waiting. Retry later.",
                 self._retry_after(),
             )
+
+    async def acquire(self) -> Ticket:
+        """A slot, after waiting in the queue if need be; raises QueueFull or QueueTimeout."""
+        if self.running < self.slots and not self.waiting:
+            self.running += 1
+            return self._admitted(0.0)
+        self.check_capacity()
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(future)
         entered = time.monotonic()
@@ -158,6 +162,13 @@ def gate_for(request: Request, model_name: str) -> Admission:
     """The admission gate of a served model."""
     gates: dict[str, Admission] = request.app.state.admission
     return gates[model_name]
+
+
+def shed_if_full(request: Request, model_name: str) -> None:
+    """429 at once when the model's queue is full: checked before templating and tokenizing the request."""
+    gate = request.app.state.admission.get(model_name)
+    if gate is not None:
+        gate.check_capacity()
 
 
 async def admit(request: Request, model_name: str) -> Ticket:

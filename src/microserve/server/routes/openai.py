@@ -9,7 +9,7 @@ from microserve.protocol.chat import ChatCompletion, ChatCompletionRequest
 from microserve.protocol.common import ErrorResponse
 from microserve.protocol.completions import Completion, CompletionRequest
 from microserve.protocol.models import ModelCard, ModelList
-from microserve.server.admission import admit, releasing
+from microserve.server.admission import admit, releasing, shed_if_full
 from microserve.server.streaming import sse_response, until_disconnect
 from microserve.server.tracing import Tracing
 from microserve.services.chat import ChatService
@@ -39,6 +39,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Cha
     """Chat completion, streamed as SSE when ``stream`` is true."""
     service: ChatService = request.app.state.chat
     tracing: Tracing = request.app.state.tracing
+    shed_if_full(request, body.model)
     prepared = service.prepare(body)
     ticket = await admit(request, prepared.model.name)
     if body.stream:
@@ -55,6 +56,7 @@ async def completions(body: CompletionRequest, request: Request) -> Completion |
     """Text completion of one prompt or a list of prompts, streamed as SSE when ``stream`` is true."""
     service: CompletionService = request.app.state.completions
     tracing: Tracing = request.app.state.tracing
+    shed_if_full(request, body.model)
     prepared = service.prepare(body)
     ticket = await admit(request, prepared.model.name)
     if body.stream:
