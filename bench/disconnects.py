@@ -65,7 +65,7 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=100)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--slots", type=int, default=4)
-    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--out", type=Path, default=Path("bench/out"))
     args = parser.parse_args()
     port = free_port()
     url = f"http://127.0.0.1:{port}"
