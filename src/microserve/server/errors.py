@@ -6,7 +6,7 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 from starlette.types import Send
 
@@ -23,6 +23,10 @@ _STATUS_TYPES = {
     429: "rate_limit_error",
     503: "service_unavailable",
 }
+
+
+class ClientDisconnected(Exception):
+    """The client went away before its response was ready; answered as 499 (nobody reads it) and logged so."""
 
 
 def error_body(status: int, message: str, *, param: str | None = None, code: str | None = None) -> dict[str, dict]:
@@ -62,6 +66,11 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.status_code >= 500:
             log.error("request failed: %s", exc.message)
         return JSONResponse(exc.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(ClientDisconnected)
+    async def _gone(_: Request, exc: ClientDisconnected) -> Response:
+        # nginx's "client closed request": keeps disconnects out of the 5xx counts.
+        return Response(status_code=499)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

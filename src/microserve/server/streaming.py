@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
 from microserve.errors import ServiceError
-from microserve.server.errors import error_body
+from microserve.server.errors import ClientDisconnected, error_body
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -46,18 +46,26 @@ def sse_response(chunks: AsyncIterator[BaseModel]) -> StreamingResponse:
 
 
 async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
-    """Await ``work``, cancelling it if the client disconnects first (frees the engine sequence)."""
+    """Await ``work``, cancelling it if the client disconnects first (frees the engine sequence or queue place)."""
     task = asyncio.ensure_future(work)
+    disconnected = False
 
     async def watch() -> None:
+        nonlocal disconnected
         while True:
             message = await request.receive()
             if message["type"] == "http.disconnect":
+                disconnected = True
                 task.cancel()
                 return
 
     watcher = asyncio.create_task(watch())
     try:
         return await task
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if disconnected and not (current is not None and current.cancelling()):
+            raise ClientDisconnected() from None
+        raise
     finally:
         watcher.cancel()
