@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -338,3 +340,25 @@ def test_one_json_log_line_per_request_with_its_id_and_no_secrets(guarded: Serve
     assert entry["ttft_ms"] > 0 and entry["duration_ms"] >= entry["ttft_ms"]
     for secret in (secret_prompt, KEY, HASHED_KEY, ENV_KEY):
         assert secret not in log
+
+
+# -- configuration errors stop the CLI before it serves ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--api-key-file", "/nonexistent/keys"], "cannot read the API key file"),
+        (["--ssl-certfile", "/tmp/cert.pem"], "--ssl-certfile and --ssl-keyfile go together"),
+        (["--log-format", "xml"], "invalid setting log_format"),
+    ],
+)
+def test_bad_operations_settings_are_a_clear_cli_error(args: list[str], message: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "microserve", "serve", "--port", "0", *args],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
