@@ -55,6 +55,15 @@ def serve(
     parallel: Annotated[int | None, typer.Option(help="Sequences decoded together [8].")] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads [usable cores].")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Most tokens per decode step [256].")] = None,
+    embedding_model: Annotated[
+        str | None,
+        typer.Option(help="Embedding model: built-in name or sentence-transformers dir; `none` [all-minilm-l6-v2]."),
+    ] = None,
+    rerank_model: Annotated[
+        str | None, typer.Option(help="CrossEncoder directory for /v1/ranking and /v1/rerank.")
+    ] = None,
+    encoder_max_batch: Annotated[int | None, typer.Option(help="Most inputs per encoder forward pass [32].")] = None,
+    encoder_max_wait_ms: Annotated[float | None, typer.Option(help="Wait to fill an encoder batch, ms [5].")] = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning or error.")] = None,
     cache_dir: Annotated[Path | None, typer.Option(help="Model cache [~/.cache/microserve].")] = None,
 ) -> None:
@@ -68,6 +77,10 @@ def serve(
         parallel=parallel,
         threads=threads,
         batch_size=batch_size,
+        embedding_model=embedding_model,
+        rerank_model=rerank_model,
+        encoder_max_batch=encoder_max_batch,
+        encoder_max_wait_ms=encoder_max_wait_ms,
         log_level=log_level,
         cache_dir=cache_dir,
     )
@@ -77,22 +90,31 @@ def serve(
     # Imported here so `microserve version` and `--help` stay fast.
     import uvicorn
 
-    from microserve.catalog.resolve import resolve_model
+    from microserve.catalog.resolve import resolve_encoder, resolve_model
     from microserve.server.app import create_app
     from microserve.store import ArtifactError, ModelStore
 
+    store = ModelStore(settings.cache_dir)
     try:
-        resolved = resolve_model(settings.model, ModelStore(settings.cache_dir), settings.served_model_name)
+        resolved = resolve_model(settings.model, store, settings.served_model_name)
+        models = [resolved]
+        if settings.embedding_model:
+            models.append(resolve_encoder(settings.embedding_model, store, "embedding"))
+        if settings.rerank_model:
+            models.append(resolve_encoder(settings.rerank_model, store, "ranking"))
     except (ArtifactError, OSError) as exc:
         _fail(str(exc))
+    names = [m.name for m in models]
+    if len(set(names)) != len(names):
+        _fail(f"two served models share a name: {', '.join(names)}")
     sock = _bind(settings.host, settings.port)
     config = uvicorn.Config(
-        create_app(settings, [resolved]),
+        create_app(settings, models),
         log_level=settings.log_level,
         access_log=False,
         timeout_graceful_shutdown=30,
     )
-    typer.echo(f"microserve {__version__}: serving {resolved.name} on http://{settings.host}:{settings.port}")
+    typer.echo(f"microserve {__version__}: serving {', '.join(names)} on http://{settings.host}:{settings.port}")
     uvicorn.Server(config).run(sockets=[sock])
 
 

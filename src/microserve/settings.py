@@ -12,6 +12,7 @@ from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+DEFAULT_EMBEDDING_MODEL = "all-minilm-l6-v2"
 
 
 def _default_cache() -> Path:
@@ -37,12 +38,29 @@ class Settings(BaseSettings):
     batch_size: int = Field(
         256, ge=16, description="Most tokens in one decode step (decode tokens plus prompt chunks)."
     )
+    embedding_model: str | None = Field(
+        DEFAULT_EMBEDDING_MODEL,
+        description="Embedding model served beside the chat model: a built-in name or a sentence-transformers "
+        "directory; `none` serves no embedding model.",
+    )
+    rerank_model: str | None = Field(
+        None, description="A sentence-transformers CrossEncoder directory served for /v1/ranking and /v1/rerank."
+    )
+    encoder_max_batch: int = Field(32, ge=1, le=1024, description="Most inputs in one encoder forward pass.")
+    encoder_max_wait_ms: float = Field(
+        5.0, ge=0.0, le=1000.0, description="How long a forward pass waits for more inputs to fill its batch."
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log verbosity.")
     cache_dir: Path = Field(
         default_factory=_default_cache,
         validation_alias=AliasChoices("MICROSERVE_CACHE", "cache_dir"),
         description="Where model artifacts are placed and verified.",
     )
+
+    @field_validator("embedding_model", "rerank_model", mode="before")
+    @classmethod
+    def _none_word(cls, value: object) -> object:
+        return None if isinstance(value, str) and value.strip().lower() in ("", "none") else value
 
     @field_validator("log_level", mode="before")
     @classmethod

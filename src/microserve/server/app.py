@@ -11,36 +11,45 @@ from fastapi import FastAPI
 
 from microserve import __version__
 from microserve.catalog.resolve import ResolvedModel
-from microserve.engines.factory import build_text_engine
+from microserve.engines.factory import build_encoder_engine, build_text_engine
 from microserve.server.errors import install_error_handlers
 from microserve.server.logging import RequestLogMiddleware
-from microserve.server.routes import health, openai
+from microserve.server.routes import health, openai, retrieval
 from microserve.services.chat import ChatService
 from microserve.services.completions import CompletionService
-from microserve.services.registry import ModelRegistry, ServedModel
+from microserve.services.embeddings import EmbeddingService
+from microserve.services.ranking import RankingService
+from microserve.services.registry import AnyModel, EncoderModel, ModelRegistry, ServedModel
 from microserve.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
+def _served(model: ResolvedModel, settings: Settings) -> AnyModel:
+    if model.task in ("embedding", "ranking"):
+        return EncoderModel(
+            name=model.name,
+            engine=build_encoder_engine(model, settings),
+            task=model.task,
+            prefixes=model.prefixes,
+            aliases=model.aliases,
+        )
+    return ServedModel(
+        name=model.name,
+        engine=build_text_engine(model, settings),
+        task=model.task,
+        template_family=model.template_family,
+    )
+
+
 def create_app(settings: Settings, models: list[ResolvedModel]) -> FastAPI:
     """An app serving ``models``; engines load in the background so liveness answers at once."""
-    registry = ModelRegistry(
-        [
-            ServedModel(
-                name=m.name,
-                engine=build_text_engine(m, settings),
-                task=m.task,
-                template_family=m.template_family,
-            )
-            for m in models
-        ]
-    )
+    registry = ModelRegistry([_served(m, settings) for m in models])
 
     async def load_all(app: FastAPI) -> None:
         try:
-            for model in registry:
-                await model.engine.start()
+            # Engines load side by side: each does its heavy work in its own thread.
+            await asyncio.gather(*(model.engine.start() for model in registry))
         except Exception as exc:
             log.exception("model failed to load")
             app.state.load_error = f"{type(exc).__name__}: {exc}"
@@ -66,8 +75,11 @@ def create_app(settings: Settings, models: list[ResolvedModel]) -> FastAPI:
     app.state.load_error = None
     app.state.chat = ChatService(registry)
     app.state.completions = CompletionService(registry)
+    app.state.embeddings = EmbeddingService(registry)
+    app.state.ranking = RankingService(registry)
     install_error_handlers(app)
     app.add_middleware(RequestLogMiddleware)
     app.include_router(openai.router)
+    app.include_router(retrieval.router)
     app.include_router(health.router)
     return app

@@ -9,10 +9,11 @@ from microserve.protocol.chat import ChatCompletion, ChatCompletionRequest
 from microserve.protocol.common import ErrorResponse
 from microserve.protocol.completions import Completion, CompletionRequest
 from microserve.protocol.models import ModelCard, ModelList
+from microserve.server.routes.retrieval import encoder_metadata
 from microserve.server.streaming import sse_response, until_disconnect
 from microserve.services.chat import ChatService
 from microserve.services.completions import CompletionService
-from microserve.services.registry import ModelRegistry
+from microserve.services.registry import EncoderModel, ModelRegistry
 
 ERRORS: dict[int | str, dict] = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 500, 503)}
 
@@ -26,8 +27,16 @@ async def list_models(request: Request) -> ModelList:
     cards = []
     for model in registry:
         length = model.engine.info.context_length if model.engine.ready else None
+        metadata = encoder_metadata(model) if isinstance(model, EncoderModel) else None
         cards.append(
-            ModelCard(id=model.name, created=model.created, root=model.name, max_model_len=length, task=model.task)
+            ModelCard(
+                id=model.name,
+                created=model.created,
+                root=model.name,
+                max_model_len=length,
+                task=model.task,
+                metadata=metadata,
+            )
         )
     return ModelList(data=cards)
 
