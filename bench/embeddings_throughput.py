@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import httpx
+
 from loadgen import free_port, running_server
 
 MODEL = "all-minilm-l6-v2"

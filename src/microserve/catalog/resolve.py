@@ -66,7 +66,7 @@ def resolve_encoder(model: str, store: ModelStore, task: Task) -> ResolvedModel:
             task=task,
             template_family=None,
             builtin=True,
-            prefixes=dict(manifest.prefixes),
+            prefixes={str(k): v for k, v in manifest.prefixes.items()},
             aliases=tuple(manifest.aliases),
         )
     path = Path(model).expanduser()

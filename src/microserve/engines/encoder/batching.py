@@ -147,9 +147,9 @@ class DynamicBatcher(Generic[In, Out]):
             first.job.loop.call_soon_threadsafe(_reject, first.job.future, RuntimeError("the encoder stopped"))
         while True:
             try:
-                item = self._queue.get_nowait()
+                left = self._queue.get_nowait()
             except queue.Empty:
                 return
-            if item is not None and not item.job.failed:
-                item.job.failed = True
-                item.job.loop.call_soon_threadsafe(_reject, item.job.future, RuntimeError("the encoder stopped"))
+            if left is not None and not left.job.failed:
+                left.job.failed = True
+                left.job.loop.call_soon_threadsafe(_reject, left.job.future, RuntimeError("the encoder stopped"))

@@ -81,9 +81,10 @@ class WordTokenizer:
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.cls_id = self._special("[CLS]", "<s>")
         self.sep_id = self._special("[SEP]", "</s>")
-        self.pad_id = self._tok.token_to_id("[PAD]")
-        if self.pad_id is None:
-            self.pad_id = self._tok.token_to_id("<pad>") or 0
+        pad = self._tok.token_to_id("[PAD]")
+        if pad is None:
+            pad = self._tok.token_to_id("<pad>")
+        self.pad_id: int = int(pad or 0)
 
     def _special(self, *names: str) -> int:
         for name in names:

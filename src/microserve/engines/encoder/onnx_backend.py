@@ -16,7 +16,9 @@ class OnnxForward:
 
     name = "onnxruntime"
 
-    def __init__(self, onnx_path: Path, kind: EncoderKind, layout: DirectoryLayout, *, threads: int, pad_id: int) -> None:
+    def __init__(
+        self, onnx_path: Path, kind: EncoderKind, layout: DirectoryLayout, *, threads: int, pad_id: int
+    ) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
