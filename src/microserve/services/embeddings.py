@@ -14,6 +14,8 @@ from microserve.protocol.embeddings import Embedding, EmbeddingRequest, Embeddin
 from microserve.services.registry import EncoderModel, ModelRegistry
 
 MAX_INPUTS = 2048  # OpenAI's limit on inputs per request
+# Below this many characters tokenizing takes microseconds, less than a hop to a worker thread and back.
+INLINE_TOKENIZE_CHARS = 4096
 TruncateSide = Literal["NONE", "START", "END"]
 
 
@@ -53,6 +55,14 @@ def encode_base64(vector: list[float]) -> str:
     import numpy as np
 
     return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
+
+
+def _size(raw: object) -> int:
+    if isinstance(raw, str):
+        return len(raw)
+    if isinstance(raw, list):
+        return sum(len(x) if isinstance(x, str | list) else 1 for x in raw)
+    return 0
 
 
 class EmbeddingService:
@@ -117,7 +127,10 @@ class EmbeddingService:
                 f"`dimensions` is {request.dimensions}, but `{model.name}` has {info.dimensions}",
                 param="dimensions",
             )
-        sequences = await asyncio.to_thread(self.sequences, model, request)
+        if _size(request.input) <= INLINE_TOKENIZE_CHARS:
+            sequences = self.sequences(model, request)
+        else:
+            sequences = await asyncio.to_thread(self.sequences, model, request)
         rows = await model.engine.encode(sequences)
         data = []
         for i, row in enumerate(rows):

@@ -3,6 +3,9 @@
 A worker thread takes the first waiting input, then keeps collecting until the batch is full or the wait bound has
 passed since that first input, runs one forward pass, and hands each request its rows on its own event loop.
 Requests larger than a batch are split across passes; small ones ride along with others.
+
+Waiting only pays when other requests are in flight: a lone request is run at once, and under load the inputs
+that queue up while a pass runs fill the next one without waiting (as continuous batching does for generation).
 """
 
 from __future__ import annotations
@@ -63,6 +66,8 @@ class DynamicBatcher(Generic[In, Out]):
         self._stopping = False
         self.forward_passes = 0
         self.inputs = 0
+        # Requests between submit and result; written on the event loop only, read by the worker.
+        self._active = 0
 
     def start(self) -> None:
         """Start the worker thread."""
@@ -90,20 +95,26 @@ class DynamicBatcher(Generic[In, Out]):
         )
         if not values:
             return []
-        for i, value in enumerate(values):
-            self._queue.put(_Item(job, i, value))
-        return await job.future
+        self._active += 1
+        try:
+            for i, value in enumerate(values):
+                self._queue.put(_Item(job, i, value))
+            return await job.future
+        finally:
+            self._active -= 1
 
     def _collect(self, first: _Item[In, Out]) -> list[_Item[In, Out]]:
         batch = [first]
+        jobs = {id(first.job)}
         deadline = first.enqueued + self._max_wait
         while len(batch) < self.max_batch:
             try:
-                # Whatever is already queued joins without waiting; only an unfilled batch waits out the bound.
+                # Whatever is already queued joins without waiting; only an unfilled batch waits out the bound,
+                # and only while some other request is in flight and may still add inputs.
                 item = self._queue.get_nowait()
             except queue.Empty:
                 left = deadline - time.monotonic()
-                if left <= 0:
+                if left <= 0 or self._active <= len(jobs):
                     break
                 try:
                     item = self._queue.get(timeout=left)
@@ -114,6 +125,7 @@ class DynamicBatcher(Generic[In, Out]):
                 break
             if not item.job.failed:
                 batch.append(item)
+                jobs.add(id(item.job))
         return batch
 
     def _run(self) -> None:

@@ -25,6 +25,9 @@ class OnnxForward:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
+        # ONNX Runtime's workers spin between passes by default; in a server the same cores run the event loop
+        # that feeds the next batch, so idle workers must sleep instead.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self._session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
         self._kind = kind
         self._layout = layout

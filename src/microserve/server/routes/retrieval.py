@@ -52,7 +52,10 @@ def encoder_metadata(model: EncoderModel) -> dict[str, Any]:
 async def embeddings(body: EmbeddingRequest, request: Request) -> EmbeddingResponse | Response:
     """Embed a string, a list of strings, or token id lists; float or base64 vectors."""
     service: EmbeddingService = request.app.state.embeddings
-    return await until_disconnect(request, service.embed(body))
+    reply = await until_disconnect(request, service.embed(body))
+    # Serialised by pydantic-core in one call: re-validating thousands of floats through the response model costs
+    # more than the forward pass for short inputs.
+    return Response(content=reply.model_dump_json(), media_type="application/json")
 
 
 @router.post("/v1/ranking", response_model=RankingResponse)
