@@ -59,7 +59,7 @@ def resolve_encoder(model: str, store: ModelStore, task: Task) -> ResolvedModel:
     manifest = find_builtin(model)
     if manifest is not None:
         if manifest.task != task:
-            raise ArtifactError(f"`{model}` is a {manifest.task} model, not an {task} model")
+            raise ArtifactError(f"`{model}` is a {manifest.task} model, not a model for {task}")
         return ResolvedModel(
             name=manifest.id,
             path=store.ensure(manifest),
