@@ -55,6 +55,12 @@ def serve(
     parallel: Annotated[int | None, typer.Option(help="Sequences decoded together [8].")] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads [usable cores].")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Most tokens per decode step [256].")] = None,
+    prefill_chunk: Annotated[
+        int | None, typer.Option(help="Most prompt tokens per step while streams decode [64].")
+    ] = None,
+    prefix_cache: Annotated[
+        bool | None, typer.Option("--prefix-cache/--no-prefix-cache", help="Reuse shared prompt prefixes [on].")
+    ] = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning or error.")] = None,
     cache_dir: Annotated[Path | None, typer.Option(help="Model cache [~/.cache/microserve].")] = None,
 ) -> None:
@@ -68,6 +74,8 @@ def serve(
         parallel=parallel,
         threads=threads,
         batch_size=batch_size,
+        prefill_chunk=prefill_chunk,
+        prefix_cache=prefix_cache,
         log_level=log_level,
         cache_dir=cache_dir,
     )

@@ -37,6 +37,15 @@ class Settings(BaseSettings):
     batch_size: int = Field(
         256, ge=16, description="Most tokens in one decode step (decode tokens plus prompt chunks)."
     )
+    prefill_chunk: int = Field(
+        64,
+        ge=1,
+        description="Most prompt tokens per decode step while other sequences are generating; bounds the "
+        "latency a long new prompt adds to running streams (the full batch size is used when none are).",
+    )
+    prefix_cache: bool = Field(
+        True, description="Reuse the KV cells of earlier requests that share a prompt prefix (cached_tokens)."
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log verbosity.")
     cache_dir: Path = Field(
         default_factory=_default_cache,

@@ -99,6 +99,8 @@ class Scheduler:
         n_slots: int,
         n_ctx_seq: int,
         batch_size: int,
+        prefill_chunk: int | None = None,
+        prefix_cache: bool = True,
         sampler_factory: Callable[[SamplingParams], L.llama_sampler_p],
         eog_ids: frozenset[int],
     ) -> None:
@@ -106,6 +108,8 @@ class Scheduler:
         self._mem = L.llama_get_memory(ctx)
         self._n_ctx_seq = n_ctx_seq
         self._batch_size = batch_size
+        self._prefill_chunk = min(prefill_chunk or batch_size, batch_size)
+        self._prefix_cache = prefix_cache
         self._batch = L.llama_batch_init(batch_size, 0, 1)
         self._make_sampler = sampler_factory
         self._eog = eog_ids
@@ -208,9 +212,11 @@ class Scheduler:
             self._post([(seq, Admitted(reuse))])
 
     def _pick_slot(self, free: list[Slot], prompt: list[int]) -> tuple[Slot, int]:
+        # The free slot sharing the longest prefix with the prompt, else the least recently used one: its cached
+        # prefix is the one evicted.
         best, best_len = free[0], -1
         for slot in free:
-            n = common_prefix(slot.tokens, prompt)
+            n = common_prefix(slot.tokens, prompt) if self._prefix_cache else 0
             if n > best_len or (n == best_len and slot.last_used < best.last_used):
                 best, best_len = slot, n
         # At least one prompt token must be decoded to get logits for the first sampled token.
@@ -239,9 +245,12 @@ class Scheduler:
         for seq in self._running:
             if seq.prefilled == len(seq.prompt):
                 add(seq, seq.next_token, True)
-        # Then prompt chunks, oldest first, within what is left of the step's token budget.
+        # Then prompt chunks, oldest first, within what is left of the step's token budget. While streams are
+        # decoding, the prompt share of a step is capped: a long prompt then costs running streams a little
+        # latency on many steps instead of one long stall; with nothing decoding, prefill runs at full width.
+        limit = self._batch_size if n == 0 else min(self._batch_size, n + self._prefill_chunk)
         for seq in self._running:
-            budget = self._batch_size - n
+            budget = limit - n
             if budget <= 0:
                 break
             remaining = len(seq.prompt) - seq.prefilled
