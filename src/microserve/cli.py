@@ -56,7 +56,7 @@ def serve(
     threads: Annotated[int | None, typer.Option(help="CPU threads [usable cores].")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Most tokens per decode step [256].")] = None,
     prefill_chunk: Annotated[
-        int | None, typer.Option(help="Most prompt tokens per step while streams decode [64].")
+        int | None, typer.Option(help="Most prompt tokens per step while streams decode [adaptive].")
     ] = None,
     prefix_cache: Annotated[
         bool | None, typer.Option("--prefix-cache/--no-prefix-cache", help="Reuse shared prompt prefixes [on].")

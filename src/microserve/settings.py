@@ -37,11 +37,12 @@ class Settings(BaseSettings):
     batch_size: int = Field(
         256, ge=16, description="Most tokens in one decode step (decode tokens plus prompt chunks)."
     )
-    prefill_chunk: int = Field(
-        64,
+    prefill_chunk: int | None = Field(
+        None,
         ge=1,
-        description="Most prompt tokens per decode step while other sequences are generating; bounds the "
-        "latency a long new prompt adds to running streams (the full batch size is used when none are).",
+        description="Most prompt tokens per decode step while other sequences are generating. Unset, the "
+        "engine sizes it from measured step times so that such a step takes at most about twice a decode-only "
+        "step, which bounds the latency a long new prompt adds to running streams.",
     )
     prefix_cache: bool = Field(
         True, description="Reuse the KV cells of earlier requests that share a prompt prefix (cached_tokens)."

@@ -26,13 +26,16 @@ MODEL = "smollm2-135m-instruct"
 
 
 class FlakyDecode:
-    """``llama_decode`` that returns llama.cpp's error status while ``failing`` is set."""
+    """``llama_decode`` that fails while ``failing`` is set: with llama.cpp's error status, or by raising."""
 
     def __init__(self) -> None:
         self.real = llama_cpp.llama_decode
         self.failing = False
+        self.raising = False
 
     def __call__(self, ctx: Any, batch: Any) -> int:
+        if self.raising:
+            raise ValueError("NULL pointer access")
         return -1 if self.failing else int(self.real(ctx, batch))
 
 
@@ -89,3 +92,17 @@ def test_engine_failure_is_a_500_and_the_server_keeps_serving(served: tuple[str,
     ok = chat(url)
     assert ok.status_code == 200, ok.text
     assert ok.json()["usage"]["completion_tokens"] > 0
+
+
+def test_an_exception_on_the_engine_thread_fails_the_request_instead_of_hanging(
+    served: tuple[str, FlakyDecode],
+) -> None:
+    url, flaky = served
+    flaky.raising = True
+    try:
+        response = chat(url)
+    finally:
+        flaky.raising = False
+    assert response.status_code == 500
+    assert "ValueError" in response.json()["error"]["message"]
+    assert chat(url).status_code == 200
