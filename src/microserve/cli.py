@@ -64,6 +64,12 @@ def serve(
     ] = None,
     encoder_max_batch: Annotated[int | None, typer.Option(help="Most inputs per encoder forward pass [32].")] = None,
     encoder_max_wait_ms: Annotated[float | None, typer.Option(help="Wait to fill an encoder batch, ms [5].")] = None,
+    prefill_chunk: Annotated[
+        int | None, typer.Option(help="Most prompt tokens per step while streams decode [adaptive].")
+    ] = None,
+    prefix_cache: Annotated[
+        bool | None, typer.Option("--prefix-cache/--no-prefix-cache", help="Reuse shared prompt prefixes [on].")
+    ] = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning or error.")] = None,
     cache_dir: Annotated[Path | None, typer.Option(help="Model cache [~/.cache/microserve].")] = None,
 ) -> None:
@@ -81,6 +87,8 @@ def serve(
         rerank_model=rerank_model,
         encoder_max_batch=encoder_max_batch,
         encoder_max_wait_ms=encoder_max_wait_ms,
+        prefill_chunk=prefill_chunk,
+        prefix_cache=prefix_cache,
         log_level=log_level,
         cache_dir=cache_dir,
     )

@@ -50,6 +50,16 @@ class Settings(BaseSettings):
     encoder_max_wait_ms: float = Field(
         5.0, ge=0.0, le=1000.0, description="How long a forward pass waits for more inputs to fill its batch."
     )
+    prefill_chunk: int | None = Field(
+        None,
+        ge=1,
+        description="Most prompt tokens per decode step while other sequences are generating. Unset, the "
+        "engine sizes it from measured step times so that such a step takes at most about twice a decode-only "
+        "step, which bounds the latency a long new prompt adds to running streams.",
+    )
+    prefix_cache: bool = Field(
+        True, description="Reuse the KV cells of earlier requests that share a prompt prefix (cached_tokens)."
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log verbosity.")
     cache_dir: Path = Field(
         default_factory=_default_cache,

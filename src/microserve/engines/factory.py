@@ -19,6 +19,8 @@ def build_text_engine(model: ResolvedModel, settings: Settings) -> TextEngine:
             context_length=settings.context_length,
             threads=settings.threads,
             batch_size=settings.batch_size,
+            prefill_chunk=settings.prefill_chunk,
+            prefix_cache=settings.prefix_cache,
         )
     )
 

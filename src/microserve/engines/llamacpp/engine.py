@@ -36,6 +36,8 @@ class LlamaCppConfig:
     context_length: int | None = None
     threads: int | None = None
     batch_size: int = 256
+    prefill_chunk: int | None = None
+    prefix_cache: bool = True
 
 
 def usable_cores() -> int:
@@ -144,6 +146,8 @@ class LlamaCppEngine:
             n_slots=cfg.parallel,
             n_ctx_seq=n_ctx_seq,
             batch_size=cfg.batch_size,
+            prefill_chunk=cfg.prefill_chunk,
+            prefix_cache=cfg.prefix_cache,
             sampler_factory=partial(build_sampler, n_vocab=n_vocab, eog_ids=self._eog, penalty_window=n_ctx_seq),
             eog_ids=self._eog,
         )

@@ -79,6 +79,46 @@ class Slot:
     seq: Sequence | None = None
 
 
+class PrefillBudget:
+    """How many prompt tokens a step may carry while other sequences decode, learnt from measured step times.
+
+    A step's time is about a decode-only step plus a cost per prompt token. Keeping a mixed step within
+    ``factor`` times a decode-only step bounds the inter-token latency a long new prompt adds to running streams,
+    whatever the hardware: on a slow CPU that is a few dozen tokens a step, on a GPU the whole batch.
+    """
+
+    ALPHA = 0.2  # weight of the newest measurement in the moving averages
+    FLOOR = 8  # a long prompt always makes progress
+
+    def __init__(self, batch_size: int, factor: float = 2.0, first_guess: int = 32) -> None:
+        self.batch_size = batch_size
+        self.factor = factor
+        self.first_guess = first_guess
+        self.decode_s: float | None = None  # a decode-only step
+        self.token_s: float | None = None  # one prompt token added to a step
+
+    def chunk(self) -> int:
+        """Prompt tokens allowed in the next step that also carries decode tokens."""
+        if self.decode_s is None or not self.token_s:
+            return min(self.first_guess, self.batch_size)
+        allowed = int((self.factor - 1.0) * self.decode_s / self.token_s)
+        return max(self.FLOOR, min(self.batch_size, allowed))
+
+    def observe(self, decode_tokens: int, prompt_tokens: int, seconds: float) -> None:
+        """Fold one step's time into the averages."""
+        if prompt_tokens == 0:
+            self.decode_s = self._mix(self.decode_s, seconds)
+        elif decode_tokens == 0:
+            # Prompt-only steps are the cheapest per token (widest matrices): a first estimate, soon corrected.
+            if self.token_s is None:
+                self.token_s = seconds / prompt_tokens
+        elif self.decode_s is not None:
+            self.token_s = self._mix(self.token_s, max(seconds - self.decode_s, 0.0) / prompt_tokens)
+
+    def _mix(self, old: float | None, new: float) -> float:
+        return new if old is None else (1 - self.ALPHA) * old + self.ALPHA * new
+
+
 def common_prefix(a: list[int], b: list[int]) -> int:
     """Length of the longest common prefix of two token lists."""
     n = 0
@@ -99,6 +139,8 @@ class Scheduler:
         n_slots: int,
         n_ctx_seq: int,
         batch_size: int,
+        prefill_chunk: int | None = None,
+        prefix_cache: bool = True,
         sampler_factory: Callable[[SamplingParams], L.llama_sampler_p],
         eog_ids: frozenset[int],
     ) -> None:
@@ -106,6 +148,9 @@ class Scheduler:
         self._mem = L.llama_get_memory(ctx)
         self._n_ctx_seq = n_ctx_seq
         self._batch_size = batch_size
+        self._prefill_chunk = min(prefill_chunk, batch_size) if prefill_chunk else None
+        self._budget = PrefillBudget(batch_size)
+        self._prefix_cache = prefix_cache
         self._batch = L.llama_batch_init(batch_size, 0, 1)
         self._make_sampler = sampler_factory
         self._eog = eog_ids
@@ -163,9 +208,13 @@ class Scheduler:
             if self._stopping:
                 break
             self._drop_cancelled()
-            self._admit()
-            if self._running:
-                self._step()
+            try:
+                self._admit()
+                if self._running:
+                    self._step()
+            except Exception as exc:  # a bug must fail the requests in hand, never leave them waiting forever
+                log.exception("engine step failed")
+                self._fail_running(f"engine error: {type(exc).__name__}: {exc}")
         for seq in [*self._running, *self._waiting]:
             self._post([(seq, Failure("the engine is shutting down"))])
             self._release(seq)
@@ -208,9 +257,11 @@ class Scheduler:
             self._post([(seq, Admitted(reuse))])
 
     def _pick_slot(self, free: list[Slot], prompt: list[int]) -> tuple[Slot, int]:
+        # The free slot sharing the longest prefix with the prompt, else the least recently used one: its cached
+        # prefix is the one evicted.
         best, best_len = free[0], -1
         for slot in free:
-            n = common_prefix(slot.tokens, prompt)
+            n = common_prefix(slot.tokens, prompt) if self._prefix_cache else 0
             if n > best_len or (n == best_len and slot.last_used < best.last_used):
                 best, best_len = slot, n
         # At least one prompt token must be decoded to get logits for the first sampled token.
@@ -239,9 +290,13 @@ class Scheduler:
         for seq in self._running:
             if seq.prefilled == len(seq.prompt):
                 add(seq, seq.next_token, True)
-        # Then prompt chunks, oldest first, within what is left of the step's token budget.
+        # Then prompt chunks, oldest first, within what is left of the step's token budget. While streams are
+        # decoding, the prompt share of a step is capped: a long prompt then costs running streams a little
+        # latency on many steps instead of one long stall; with nothing decoding, prefill runs at full width.
+        decoding = n
+        limit = self._batch_size if n == 0 else min(self._batch_size, n + (self._prefill_chunk or self._budget.chunk()))
         for seq in self._running:
-            budget = self._batch_size - n
+            budget = limit - n
             if budget <= 0:
                 break
             remaining = len(seq.prompt) - seq.prefilled
@@ -255,6 +310,7 @@ class Scheduler:
         if n == 0:
             return
         batch.n_tokens = n
+        started = time.perf_counter()
         rc = L.llama_decode(self._ctx, batch)
         self.steps += 1
         if rc != 0:
@@ -275,6 +331,7 @@ class Scheduler:
                 finished.append(seq)
             else:
                 seq.next_token = token
+        self._budget.observe(decoding, n - decoding, time.perf_counter() - started)
         # Release before posting, so that a client that sees its last token also sees its slot free.
         for seq in finished:
             self._release(seq)
@@ -282,8 +339,12 @@ class Scheduler:
 
     def _fail_batch(self, sample_at: list[tuple[Sequence, int]], rc: int) -> None:
         log.error("llama_decode failed with status %d; failing the %d sequences in the batch", rc, len(sample_at))
+        self._fail_running(f"llama_decode failed with status {rc}")
+
+    def _fail_running(self, message: str) -> None:
+        # Their KV cells may be half-written: drop them along with the sequences.
         victims = list(self._running)
-        self._post([(seq, Failure(f"llama_decode failed with status {rc}")) for seq in victims])
+        self._post([(seq, Failure(message)) for seq in victims])
         for seq in victims:
             slot = seq.slot
             self._release(seq)
