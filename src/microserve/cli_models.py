@@ -40,9 +40,7 @@ def _print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
     Console(width=max(160, Console().width)).print(table)
 
 
-def register(
-    app: typer.Typer, make_settings: Callable[..., Settings], fail: Callable[[str], NoReturn]
-) -> None:
+def register(app: typer.Typer, make_settings: Callable[..., Settings], fail: Callable[[str], NoReturn]) -> None:
     """Add the model commands to ``app``; ``make_settings`` turns flags into Settings, ``fail`` exits with 2."""
 
     @app.command()
@@ -106,7 +104,9 @@ def register(
 
     @app.command()
     def profiles(
-        model: Annotated[str | None, typer.Argument(help="Catalog id, GGUF path or hf://... [every catalog model]")] = None,
+        model: Annotated[
+            str | None, typer.Argument(help="Catalog id, GGUF path or hf://... [every catalog model]")
+        ] = None,
         profile: Annotated[str | None, _PROFILE] = None,
         as_json: Annotated[bool, _JSON] = False,
         cache_dir: Annotated[Path | None, _CACHE] = None,
@@ -191,7 +191,9 @@ def register(
     @app.command()
     def pull(
         model: Annotated[str, typer.Argument(help="Catalog id or hf://owner/repo/file.gguf.")],
-        profile: Annotated[str | None, typer.Option(help="Profile to fetch [the one selected for this machine].")] = None,
+        profile: Annotated[
+            str | None, typer.Option(help="Profile to fetch [the one selected for this machine].")
+        ] = None,
         cache_dir: Annotated[Path | None, _CACHE] = None,
         catalog_dir: Annotated[Path | None, _CATALOG] = None,
         offline: Annotated[bool | None, _OFFLINE] = None,
@@ -215,7 +217,9 @@ def register(
                 # Fetching for another machine is legitimate: pull any profile, and say when it cannot run here.
                 chosen = manifest.profile(wanted)
                 if chosen is None:
-                    fail(f"model {manifest.id} has no profile `{wanted}` ({', '.join(p.id for p in manifest.profiles)})")
+                    fail(
+                        f"model {manifest.id} has no profile `{wanted}` ({', '.join(p.id for p in manifest.profiles)})"
+                    )
                 check = check_profile(chosen, machine)
                 if not check.compatible:
                     typer.echo(f"note: {chosen.id} cannot run on this machine: {'; '.join(check.reasons)}", err=True)

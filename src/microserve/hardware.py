@@ -139,7 +139,7 @@ def parse_nvidia_smi(text: str) -> tuple[Gpu, ...]:
 
 def _gpus_from_nvml() -> tuple[Gpu, ...] | None:
     try:
-        import pynvml  # type: ignore[import-not-found]
+        import pynvml
     except ImportError:
         return None
     try:

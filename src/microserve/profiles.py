@@ -75,9 +75,7 @@ def check_profile(profile: Profile, hardware: Hardware) -> ProfileCheck:
                 reasons.append(f"needs compute capability {wanted}, the GPUs have at most {max(capable)}")
     else:
         if profile.min_memory_mb > hardware.memory_available_mb:
-            reasons.append(
-                f"needs {profile.min_memory_mb} MiB free RAM, {hardware.memory_available_mb} MiB available"
-            )
+            reasons.append(f"needs {profile.min_memory_mb} MiB free RAM, {hardware.memory_available_mb} MiB available")
     missing = [flag for flag in profile.cpu_flags if flag not in hardware.cpu_flags]
     if missing:
         reasons.append(f"CPU lacks {', '.join(missing)}")

@@ -92,7 +92,8 @@ class Progress:
         self._bar = None
         self._task = None
         if self._tty:
-            from rich.progress import DownloadColumn, Progress as Bar, TransferSpeedColumn
+            from rich.progress import DownloadColumn, TransferSpeedColumn
+            from rich.progress import Progress as Bar
 
             self._bar = Bar(*Bar.get_default_columns(), DownloadColumn(), TransferSpeedColumn(), transient=False)
             self._bar.start()
@@ -106,7 +107,9 @@ class Progress:
         if self._bar is not None and self._task is not None:
             self._bar.update(self._task, advance=n)
         elif self.total and self.done / self.total >= self._next_report:
-            log.info("downloading %s: %d%% (%d/%d bytes)", self.label, 100 * self.done // self.total, self.done, self.total)
+            log.info(
+                "downloading %s: %d%% (%d/%d bytes)", self.label, 100 * self.done // self.total, self.done, self.total
+            )
             while self._next_report <= self.done / self.total:
                 self._next_report += 0.1
 
@@ -151,7 +154,7 @@ class ModelStore:
 
     def cached(self) -> list[CachedArtifact]:
         """Every artifact in the cache, by model and profile."""
-        found = []
+        found: list[CachedArtifact] = []
         if not self.root.is_dir():
             return found
         for model_dir in sorted(p for p in self.root.iterdir() if p.is_dir()):
@@ -228,7 +231,9 @@ class ModelStore:
                 digests[name.strip()] = digest.strip()
         return digests
 
-    def _expected(self, target: Path, source: PackagedSource | PackagedDirSource | HttpSource | HuggingFaceSource) -> dict[str, str]:
+    def _expected(
+        self, target: Path, source: PackagedSource | PackagedDirSource | HttpSource | HuggingFaceSource
+    ) -> dict[str, str]:
         if isinstance(source, PackagedDirSource):
             return dict(source.files)
         if source.sha256 is not None:

@@ -132,10 +132,10 @@ Source = Annotated[
 class EngineDefaults(_Strict):
     """Engine settings that suit a profile; explicit settings (flags, environment) override them."""
 
-    threads: int | None = Field(None, ge=1)
-    parallel: int | None = Field(None, ge=1, le=256)
-    batch_size: int | None = Field(None, ge=16)
-    context_length: int | None = Field(None, ge=16)
+    threads: int | None = Field(default=None, ge=1)
+    parallel: int | None = Field(default=None, ge=1, le=256)
+    batch_size: int | None = Field(default=None, ge=16)
+    context_length: int | None = Field(default=None, ge=16)
 
 
 class Profile(_Strict):
@@ -146,11 +146,11 @@ class Profile(_Strict):
     device: DeviceKind = "cpu"
     format: str = "gguf"
     quantization: str | None = None
-    min_memory_mb: int = Field(0, ge=0, description="Free RAM (cpu) or free GPU memory (nvidia) needed.")
-    min_compute_capability: float | None = Field(None, description="Lowest CUDA compute capability (nvidia).")
-    cpu_flags: list[str] = Field([], description="CPU flags the engine build needs, as /proc/cpuinfo spells them.")
+    min_memory_mb: int = Field(default=0, ge=0, description="Free RAM (cpu) or free GPU memory (nvidia) needed.")
+    min_compute_capability: float | None = Field(default=None, description="Lowest CUDA compute capability (nvidia).")
+    cpu_flags: list[str] = Field(default=[], description="CPU flags the engine build needs, as /proc/cpuinfo spells them.")
     source: Source
-    defaults: EngineDefaults = EngineDefaults()
+    defaults: EngineDefaults = Field(default_factory=EngineDefaults)
     description: str = ""
 
 
@@ -163,7 +163,7 @@ class Manifest(_Strict):
     license: str = "unknown"
     description: str = ""
     template_family: str | None = None
-    context_length: int | None = Field(None, ge=16, description="Trained context length, when known.")
+    context_length: int | None = Field(default=None, ge=16, description="Trained context length, when known.")
     architecture: str | None = None
     profiles: list[Profile] = Field(min_length=1)
 

@@ -18,7 +18,9 @@ from microserve.hardware import Hardware
 from microserve.profiles import select_profile
 from microserve.store import ArtifactError, ModelStore
 
-_HF = re.compile(r"^(?:hf://|hf\.co/|https://huggingface\.co/|huggingface\.co/)(?P<repo>[\w.-]+/[\w.-]+)/(?P<file>[^@]+?)(?:@(?P<rev>[\w./-]+))?$")
+_HF = re.compile(
+    r"^(?:hf://|hf\.co/|https://huggingface\.co/|huggingface\.co/)(?P<repo>[\w.-]+/[\w.-]+)/(?P<file>[^@]+?)(?:@(?P<rev>[\w./-]+))?$"
+)
 
 
 @dataclass(frozen=True, slots=True)
