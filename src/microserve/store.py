@@ -95,7 +95,10 @@ class Progress:
             from rich.progress import DownloadColumn, TransferSpeedColumn
             from rich.progress import Progress as Bar
 
-            self._bar = Bar(*Bar.get_default_columns(), DownloadColumn(), TransferSpeedColumn(), transient=False)
+            from rich.console import Console
+
+            columns = (*Bar.get_default_columns(), DownloadColumn(), TransferSpeedColumn())
+            self._bar = Bar(*columns, console=Console(stderr=True), transient=False)
             self._bar.start()
             self._task = self._bar.add_task(label, total=total)
         else:
@@ -349,6 +352,6 @@ class ModelStore:
 
 
 def _copy_stream(response: BinaryIO, out: BinaryIO, progress: Progress) -> None:
-    while block := response.read(_CHUNK):
+    while block := response.read(_CHUNK // 4):
         out.write(block)
         progress.advance(len(block))
