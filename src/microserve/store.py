@@ -92,10 +92,9 @@ class Progress:
         self._bar = None
         self._task = None
         if self._tty:
+            from rich.console import Console
             from rich.progress import DownloadColumn, TransferSpeedColumn
             from rich.progress import Progress as Bar
-
-            from rich.console import Console
 
             columns = (*Bar.get_default_columns(), DownloadColumn(), TransferSpeedColumn())
             self._bar = Bar(*columns, console=Console(stderr=True), transient=False)

@@ -130,7 +130,7 @@ def test_forced_profile_is_used_or_refused_with_the_reason() -> None:
     assert select_profile(manifest, CPU_ONLY, "llamacpp-cpu-q4_k_m").id == "llamacpp-cpu-q4_k_m"
     with pytest.raises(ProfileError, match="cannot run on this machine: no NVIDIA GPU"):
         select_profile(manifest, CPU_ONLY, "vllm-nvidia-bf16")
-    with pytest.raises(ProfileError, match="no profile `nope`.*llamacpp-cpu-q4_k_m"):
+    with pytest.raises(ProfileError, match=r"no profile `nope`.*llamacpp-cpu-q4_k_m"):
         select_profile(manifest, CPU_ONLY, "nope")
 
 

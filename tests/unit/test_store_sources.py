@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -146,7 +147,7 @@ def test_hub_offline_without_cache_fails_clearly(
     with artifact_server({}) as served:
         monkeypatch.setenv("HF_ENDPOINT", served.url)
         manifest = manifest_for(HuggingFaceSource(kind="hf", repo="acme/tiny", filename="m.gguf"))
-        with pytest.raises(ArtifactError, match="offline mode: hf://acme/tiny/m.gguf@main"):
+        with pytest.raises(ArtifactError, match=re.escape("offline mode: hf://acme/tiny/m.gguf@main")):
             ModelStore(tmp_path, offline=True).ensure(manifest)
         assert served.requests == []
 

@@ -148,7 +148,7 @@ class Profile(_Strict):
     quantization: str | None = None
     min_memory_mb: int = Field(default=0, ge=0, description="Free RAM (cpu) or free GPU memory (nvidia) needed.")
     min_compute_capability: float | None = Field(default=None, description="Lowest CUDA compute capability (nvidia).")
-    cpu_flags: list[str] = Field(default=[], description="CPU flags the engine build needs, as /proc/cpuinfo spells them.")
+    cpu_flags: list[str] = Field(default=[], description="CPU flags the engine build needs (/proc/cpuinfo names).")
     source: Source
     defaults: EngineDefaults = Field(default_factory=EngineDefaults)
     description: str = ""
