@@ -60,11 +60,15 @@ def serve(
         list[str] | None, typer.Option(help="Name clients use as `model`, one per --model in order.")
     ] = None,
     context_length: Annotated[int | None, typer.Option(help="Tokens per sequence.")] = None,
-    parallel: Annotated[int | None, typer.Option(help="Sequences decoded together [profile's, 8].")] = None,
-    threads: Annotated[int | None, typer.Option(help="CPU threads [usable cores].")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Most tokens per decode step [profile's, 256].")] = None,
+    parallel: Annotated[
+        int | None, typer.Option(help="Sequences decoded together (default: the profile's, else 8).")
+    ] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads (default: the usable cores).")] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Most tokens per decode step (default: the profile's, else 256).")
+    ] = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning or error.")] = None,
-    log_format: Annotated[str | None, typer.Option(help="text or json [text].")] = None,
+    log_format: Annotated[str | None, typer.Option(help="Log line format: text or json (default: text).")] = None,
     cache_dir: Annotated[Path | None, typer.Option(help="Model cache [~/.cache/microserve].")] = None,
     profile: Annotated[str | None, _PROFILE] = None,
     offline: Annotated[bool | None, _OFFLINE] = None,

@@ -105,7 +105,7 @@ def register(app: typer.Typer, make_settings: Callable[..., Settings], fail: Cal
     @app.command()
     def profiles(
         model: Annotated[
-            str | None, typer.Argument(help="Catalog id, GGUF path or hf://... [every catalog model]")
+            str | None, typer.Argument(help="Catalog id, GGUF path or hf://... (default: every catalog model)")
         ] = None,
         profile: Annotated[str | None, _PROFILE] = None,
         as_json: Annotated[bool, _JSON] = False,
@@ -192,7 +192,7 @@ def register(app: typer.Typer, make_settings: Callable[..., Settings], fail: Cal
     def pull(
         model: Annotated[str, typer.Argument(help="Catalog id or hf://owner/repo/file.gguf.")],
         profile: Annotated[
-            str | None, typer.Option(help="Profile to fetch [the one selected for this machine].")
+            str | None, typer.Option(help="Profile to fetch (default: the one selected for this machine).")
         ] = None,
         cache_dir: Annotated[Path | None, _CACHE] = None,
         catalog_dir: Annotated[Path | None, _CATALOG] = None,

@@ -286,8 +286,11 @@ class ModelStore:
                     raise ArtifactError(f"{origin} is missing from the installed package `{source.module}`")
                 shutil.copyfile(origin, tmp)
             else:
+                # The package joins its chunk packages itself; say so, since it takes a while for large models.
+                log.info("assembling %s from the %s packages", source.file, source.module)
                 assembler = importlib.import_module(source.module)
                 assembler.assemble(tmp, overwrite=True)
+                log.info("assembled %s", source.file)
             label = f"{source.module} gave {source.file}"
         elif isinstance(source, HttpSource):
             self._download(source.url, tmp, source.file)
