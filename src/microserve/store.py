@@ -188,14 +188,8 @@ class ModelStore:
                 )
             tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
             try:
-                legacy = self.root / manifest.id / source.file  # the cache layout before profiles existed
-                if legacy.is_file() and isinstance(source, PackagedSource):
-                    os.link(legacy, tmp)
-                    digests = {target.name: sha256_file(tmp)}
-                    if digests[target.name] != source.sha256:
-                        tmp.unlink()
-                        digests = self._materialize(source, tmp, target.name)
-                else:
+                digests = self._adopt_legacy(manifest, source, tmp, target.name)
+                if digests is None:
                     digests = self._materialize(source, tmp, target.name)
                 os.replace(tmp, target)
                 lines = "".join(f"{digest}  {name}\n" for name, digest in digests.items())
@@ -207,6 +201,26 @@ class ModelStore:
                     tmp.unlink(missing_ok=True)
             log.info("placed %s (%s) in the model cache at %s", manifest.id, profile.id, target)
             return target
+
+    def _adopt_legacy(
+        self,
+        manifest: Manifest,
+        source: PackagedSource | PackagedDirSource | HttpSource | HuggingFaceSource,
+        tmp: Path,
+        name: str,
+    ) -> dict[str, str] | None:
+        """Reuse a verified file from the cache layout before profiles existed (``<model>/<file>``), if any."""
+        legacy = self.root / manifest.id / source.file
+        if not isinstance(source, PackagedSource) or not legacy.is_file():
+            return None
+        try:
+            os.link(legacy, tmp)
+        except OSError:
+            return None
+        if sha256_file(tmp) != source.sha256:
+            tmp.unlink()
+            return None
+        return {name: source.sha256}
 
     # -- verification -----------------------------------------------------------------------------------------
 

@@ -54,8 +54,11 @@ def parse_hf_spec(spec: str) -> HuggingFaceSource | None:
     return HuggingFaceSource(kind="hf", repo=match["repo"], filename=file, revision=match["rev"] or "main")
 
 
-def synthesize_manifest(name: str, source: LocalSource | HuggingFaceSource, header: GgufHeader | None) -> Manifest:
-    """A manifest for a GGUF that the catalog does not know, from what its header says."""
+def synthesize_manifest(
+    name: str, source: LocalSource | HuggingFaceSource, header: GgufHeader | None, size: int = 0
+) -> Manifest:
+    """A manifest for a GGUF that the catalog does not know, from what its header says; ``size`` (bytes) sets the
+    profile's memory need (the weights plus a fifth for context and scratch)."""
     task: Task = "chat" if header is None or header.chat_template else "completion"
     return Manifest(
         id=name,
@@ -71,6 +74,7 @@ def synthesize_manifest(name: str, source: LocalSource | HuggingFaceSource, head
                 device="cpu",
                 format="gguf",
                 quantization=header.file_type if header else None,
+                min_memory_mb=size * 6 // 5 >> 20,
                 source=source,
             )
         ],
@@ -96,7 +100,8 @@ def plan_model(model: str, catalog_dir: Path | None = None) -> Manifest:
     with path.open("rb") as handle:
         if handle.read(4) != b"GGUF":
             raise ArtifactError(f"not a GGUF file: {path}")
-    return synthesize_manifest(path.stem, LocalSource(kind="local", path=str(path)), read_header(path))
+    source = LocalSource(kind="local", path=str(path))
+    return synthesize_manifest(path.stem, source, read_header(path), path.stat().st_size)
 
 
 def resolve_model(
