@@ -26,6 +26,13 @@ ENGINE_PACKAGES: dict[str, tuple[str, str]] = {
     "encoder": ("torch", "microserve.engines.encoder"),
 }
 
+# The microserve module that drives each engine; a profile whose adapter is absent cannot run in this build.
+ENGINE_ADAPTERS: dict[str, str] = {
+    "llamacpp": "microserve.engines.llamacpp.engine",
+    "vllm": "microserve.engines.vllm",
+    "encoder": "microserve.engines.encoder",
+}
+
 _DEVICE_RANK = {"nvidia": 0, "cpu": 1}
 
 
@@ -79,7 +86,9 @@ def check_profile(profile: Profile, hardware: Hardware) -> ProfileCheck:
     missing = [flag for flag in profile.cpu_flags if flag not in hardware.cpu_flags]
     if missing:
         reasons.append(f"CPU lacks {', '.join(missing)}")
-    if engine_version(profile.engine) is None:
+    if importlib.util.find_spec(ENGINE_ADAPTERS[profile.engine]) is None:
+        reasons.append(f"this microserve build has no {profile.engine} engine")
+    elif engine_version(profile.engine) is None:
         dist = ENGINE_PACKAGES.get(profile.engine, (profile.engine, ""))[0]
         reasons.append(f"engine {profile.engine} is not installed (pip package {dist})")
     return ProfileCheck(profile, tuple(reasons))
