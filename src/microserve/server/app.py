@@ -14,7 +14,7 @@ from microserve.catalog.resolve import ResolvedModel
 from microserve.engines.factory import build_text_engine
 from microserve.server.errors import install_error_handlers
 from microserve.server.logging import RequestLogMiddleware
-from microserve.server.routes import health, openai
+from microserve.server.routes import health, metadata, openai
 from microserve.services.chat import ChatService
 from microserve.services.completions import CompletionService
 from microserve.services.registry import ModelRegistry, ServedModel
@@ -32,6 +32,9 @@ def create_app(settings: Settings, models: list[ResolvedModel]) -> FastAPI:
                 engine=build_text_engine(m, settings),
                 task=m.task,
                 template_family=m.template_family,
+                profile=m.profile.id,
+                engine_name=m.profile.engine,
+                source=m.profile.source.describe(),
             )
             for m in models
         ]
@@ -70,4 +73,5 @@ def create_app(settings: Settings, models: list[ResolvedModel]) -> FastAPI:
     app.add_middleware(RequestLogMiddleware)
     app.include_router(openai.router)
     app.include_router(health.router)
+    app.include_router(metadata.router)
     return app

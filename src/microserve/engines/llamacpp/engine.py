@@ -164,7 +164,9 @@ class LlamaCppEngine:
     def _warm_up(self, ctx: L.llama_context_p) -> None:
         # A real decode proves the model runs before readiness turns green, and pays one-time allocation costs.
         tokens = self.tokenize("Hello", add_special=True)
-        batch = L.llama_batch_get_one((L.llama_token * len(tokens))(*tokens), len(tokens))
+        # The batch only points at the ids: keep the array alive until the decode has read it.
+        ids = (L.llama_token * len(tokens))(*tokens)
+        batch = L.llama_batch_get_one(ids, len(tokens))
         rc = L.llama_decode(ctx, batch)
         L.llama_memory_seq_rm(L.llama_get_memory(ctx), -1, -1, -1)
         if rc != 0:

@@ -27,7 +27,14 @@ async def list_models(request: Request) -> ModelList:
     for model in registry:
         length = model.engine.info.context_length if model.engine.ready else None
         cards.append(
-            ModelCard(id=model.name, created=model.created, root=model.name, max_model_len=length, task=model.task)
+            ModelCard(
+                id=model.name,
+                created=model.created,
+                root=model.name,
+                max_model_len=length,
+                task=model.task,
+                profile=model.profile,
+            )
         )
     return ModelList(data=cards)
 
