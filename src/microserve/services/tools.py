@@ -261,7 +261,8 @@ class ToolCallParser:
 
     def _on_header(self, events: list[ParseEvent]) -> None:
         match = _HEADER.match(self._buffer)
-        if match is not None:
+        # Wait for a character after the header, so that whitespace before the arguments is never split.
+        if match is not None and match.end() < len(self._buffer):
             try:
                 name = json.loads(f'"{match.group(1)}"')
             except json.JSONDecodeError:
@@ -310,6 +311,8 @@ class ToolCallParser:
         self._state = "text"
 
     def _on_args(self, events: list[ParseEvent]) -> None:
+        if not self.calls[-1].arguments:
+            self._buffer = self._buffer.lstrip()
         if not self._buffer:
             return
         end = self._scan(self._buffer)
