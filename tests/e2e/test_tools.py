@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import httpx
@@ -176,3 +177,58 @@ def test_tool_with_unsupported_parameters_schema_is_400(smollm: Server) -> None:
     response = httpx.post(f"{smollm.v1}/chat/completions", json=body, timeout=60)
     assert response.status_code == 400
     assert "`not`" in response.json()["error"]["message"]
+
+
+def test_auto_constrains_a_call_once_the_model_opens_one() -> None:
+    """With tool_choice auto the grammar is lazy: free text until ``<tool_call>``, then only valid calls.
+
+    The prompt is a few-shot pattern that makes the model open a call; the schema accepts upper-case city names
+    only, which the examples do not show, so an unconstrained model writes ``Lima`` where the grammar forces
+    ``LIMA``.
+    """
+    from microserve.catalog.manifest import find_builtin
+    from microserve.engines.base import GenerationRequest, SamplingParams
+    from microserve.engines.llamacpp.engine import LlamaCppConfig, LlamaCppEngine
+    from microserve.protocol.chat import ToolDefinition
+    from microserve.services.structured import GrammarBuilder
+    from microserve.services.tools import ToolCallParser, plan_tools
+    from microserve.settings import Settings
+    from microserve.store import ModelStore
+
+    cities = {"type": "object", "properties": {"city": {"enum": ["ROME", "OSLO", "LIMA"]}}, "required": ["city"]}
+    tools = [
+        ToolDefinition.model_validate({"type": "function", "function": {"name": "get_weather", "parameters": cities}})
+    ]
+    plan = plan_tools(tools, "auto", False)
+    assert plan.guide is not None and plan.triggers
+    grammar = GrammarBuilder().build(plan.guide)
+    manifest = find_builtin(MODEL)
+    assert manifest is not None
+    path = ModelStore(Settings().cache_dir).path_for(manifest)
+    shot = 'Q: weather in Rome?\nA: <tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>\n'
+
+    async def main() -> list[str]:
+        engine = LlamaCppEngine(LlamaCppConfig(path=str(path), model_id=MODEL, parallel=3, context_length=512))
+        await engine.start()
+        try:
+            await engine.check_grammar(grammar, plan.triggers)
+            prompt = engine.tokenize(shot + shot.replace("Rome", "Oslo") + "Q: weather in Lima?\nA:", add_special=True)
+
+            async def one(seed: int) -> str:
+                params = SamplingParams(max_tokens=40, temperature=1.0, seed=seed)
+                request = GenerationRequest(f"s{seed}", prompt, params, grammar=grammar, grammar_triggers=plan.triggers)
+                return "".join([d.text async for d in engine.generate(request)])
+
+            return await asyncio.gather(*(one(seed) for seed in range(3)))
+        finally:
+            await engine.shutdown()
+
+    outputs = asyncio.run(main())
+    opened = [text for text in outputs if "<tool_call>" in text]
+    assert opened, outputs
+    for text in opened:
+        parser = ToolCallParser(plan.names, parallel=False)
+        parser.feed(text)
+        parser.finish()
+        assert len(parser.calls) == 1 and parser.calls[0].complete, text
+        jsonschema.validate(json.loads(parser.calls[0].arguments), cities)

@@ -42,6 +42,8 @@ class GenerationRequest:
     stop_token_ids: tuple[int, ...] = ()
     # A GBNF grammar every choice must follow (already checked with ``TextEngine.check_grammar``).
     grammar: str | None = None
+    # Regexes that switch the grammar on where they first match in the output; empty: it holds from the start.
+    grammar_triggers: tuple[str, ...] = ()
     # Report logprobs with this many alternatives per token (0: the sampled token's only); None: no logprobs.
     logprobs: int | None = None
     # Independent choices of the same prompt; the engine prefills the prompt once and shares it.
@@ -130,8 +132,9 @@ class TextEngine(Protocol):
         """Stream deltas of every choice until all finish; closing the iterator cancels the sequences."""
         ...
 
-    async def check_grammar(self, grammar: str) -> None:
-        """Compile ``grammar`` (GBNF) off the event loop and cache it; raise InvalidRequest if it is invalid."""
+    async def check_grammar(self, grammar: str, triggers: tuple[str, ...] = ()) -> None:
+        """Compile ``grammar`` (GBNF, lazy when ``triggers`` are given) off the event loop and cache it; raise
+        InvalidRequest if it is invalid."""
         ...
 
     def stats(self) -> EngineStats:

@@ -51,7 +51,7 @@ class SamplingFields(GuidedFields):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    n: int = Field(1, ge=1)
+    n: int = Field(1, ge=1, le=128)
     # Extensions that vLLM and llama-server accept under the same names.
     top_k: int | None = Field(None, ge=-1)
     min_p: float | None = Field(None, ge=0.0, le=1.0)

@@ -142,11 +142,14 @@ class ChatService:
         if format_guide is not None:
             guides.append(format_guide)
         guide = single_guide(guides)
-        if guide is not None and plan.mode in ("required", "named", "auto"):
+        if guide is not None and plan.active:
             raise InvalidRequest(
                 f"`{guide.param}` cannot be combined with tool calls; set tool_choice to none", param=guide.param
             )
-        grammar = await grammar_for(self._grammars, engine, guide or plan.guide)
+        if guide is not None:
+            grammar = await grammar_for(self._grammars, engine, guide)
+        else:
+            grammar = await grammar_for(self._grammars, engine, plan.guide, plan.triggers)
         native = template.supports_tools
         messages = template_messages(request.messages, plan, native=native)
         prompt_text = template.render(messages, tools=native_tools(plan) if native else None)
@@ -174,6 +177,7 @@ class ChatService:
                 stop=tuple(stops),
                 stop_token_ids=stop_ids,
                 grammar=grammar,
+                grammar_triggers=plan.triggers if guide is None else (),
                 logprobs=top,
                 n=request.n,
             ),

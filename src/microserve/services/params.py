@@ -111,7 +111,9 @@ def single_guide(guides: list[Guide]) -> Guide | None:
     return guides[0] if guides else None
 
 
-async def grammar_for(builder: GrammarBuilder, engine: TextEngine, guide: Guide | None) -> str | None:
+async def grammar_for(
+    builder: GrammarBuilder, engine: TextEngine, guide: Guide | None, triggers: tuple[str, ...] = ()
+) -> str | None:
     """The checked GBNF grammar for ``guide``: built in a worker thread unless cached, then compiled by the
     engine (also off the event loop). Any problem is a 400 naming the field that carried the constraint."""
     if guide is None:
@@ -120,7 +122,7 @@ async def grammar_for(builder: GrammarBuilder, engine: TextEngine, guide: Guide 
     try:
         if grammar is None:
             grammar = await asyncio.to_thread(builder.build, guide)
-        await engine.check_grammar(grammar)
+        await engine.check_grammar(grammar, triggers)
     except InvalidRequest as exc:
         exc.param = guide.param
         raise

@@ -51,6 +51,8 @@ class ToolPlan:
     tools: tuple[ToolDefinition, ...] = ()
     parallel: bool = True
     guide: Guide | None = None
+    # Auto: the grammar switches on once the model opens a call, so a call it starts is always valid.
+    triggers: tuple[str, ...] = ()
 
     @property
     def names(self) -> frozenset[str]:
@@ -85,9 +87,7 @@ def plan_tools(tools: list[ToolDefinition] | None, choice: str | NamedToolChoice
     if choice == "required":
         return ToolPlan("required", tuple(tools), parallel, _guide(tools, parallel=parallel))
     if choice == "auto":
-        # Checked now so that a broken parameters schema is a 400 whatever the choice.
-        _guide(tools, parallel=parallel)
-        return ToolPlan("auto", tuple(tools), parallel)
+        return ToolPlan("auto", tuple(tools), parallel, _guide(tools, parallel=parallel), (re.escape(OPEN),))
     return ToolPlan("none", tuple(tools), parallel)
 
 

@@ -176,7 +176,7 @@ class LlamaCppEngine:
     def _sampler_for(self, seq: Sequence, *, penalty_window: int) -> SequenceSampler:
         # Runs on the engine thread at admission; the grammar was parsed and cached when the request was checked.
         assert self._grammars is not None
-        grammar = self._grammars.instance(seq.grammar) if seq.grammar else None
+        grammar = self._grammars.instance(seq.grammar, seq.grammar_triggers) if seq.grammar else None
         return build_sampler(
             seq.params,
             n_vocab=self._n_vocab,
@@ -253,11 +253,11 @@ class LlamaCppEngine:
             return EngineStats(0, 0, self.config.parallel, 0, 0, 0, 0)
         return self._scheduler.stats()
 
-    async def check_grammar(self, grammar: str) -> None:
+    async def check_grammar(self, grammar: str, triggers: tuple[str, ...] = ()) -> None:
         """Parse ``grammar`` in a worker thread and cache it; a grammar llama.cpp rejects is a 400."""
         if self._grammars is None:
             raise NotReady("the model is still loading")
-        await asyncio.to_thread(self._grammars.check, grammar)
+        await asyncio.to_thread(self._grammars.check, grammar, triggers)
 
     def _token_logprob(self, token: Token) -> TokenLogprob:
         return TokenLogprob(
@@ -299,6 +299,7 @@ class LlamaCppEngine:
                     loop=loop,
                     out=_Tagged(queue, index),
                     grammar=request.grammar,
+                    grammar_triggers=request.grammar_triggers,
                     top_logprobs=request.logprobs,
                     fork_from=seqs[0] if index else None,
                 )

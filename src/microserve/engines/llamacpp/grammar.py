@@ -42,8 +42,8 @@ def install_log_capture() -> None:
     L.llama_log_set(_log_callback, ctypes.c_void_p(0))
 
 
-def _grammar_key(grammar: str) -> str:
-    return hashlib.sha256(grammar.encode()).hexdigest()
+def _grammar_key(grammar: str, triggers: tuple[str, ...]) -> str:
+    return hashlib.sha256("\0".join((grammar, *triggers)).encode()).hexdigest()
 
 
 class GrammarCache:
@@ -55,10 +55,16 @@ class GrammarCache:
         self._prototypes: OrderedDict[str, L.llama_sampler_p] = OrderedDict()
         self._lock = threading.Lock()
 
-    def _parse(self, grammar: str) -> L.llama_sampler_p:
+    def _parse(self, grammar: str, triggers: tuple[str, ...]) -> L.llama_sampler_p:
         _captured.lines = []
         try:
-            sampler = L.llama_sampler_init_grammar(self._vocab, grammar.encode("utf-8"), b"root")
+            if triggers:
+                patterns = (ctypes.c_char_p * len(triggers))(*(t.encode("utf-8") for t in triggers))
+                sampler = L.llama_sampler_init_grammar_lazy_patterns(
+                    self._vocab, grammar.encode("utf-8"), b"root", patterns, len(triggers), None, 0
+                )
+            else:
+                sampler = L.llama_sampler_init_grammar(self._vocab, grammar.encode("utf-8"), b"root")
             messages = [line.strip() for line in _captured.lines if line.strip()]
         finally:
             _captured.lines = None
@@ -69,15 +75,15 @@ class GrammarCache:
             raise InvalidRequest(f"invalid grammar: {detail}", param="guided_grammar", code="invalid_grammar")
         return sampler
 
-    def _prototype(self, grammar: str) -> L.llama_sampler_p:
-        key = _grammar_key(grammar)
+    def _prototype(self, grammar: str, triggers: tuple[str, ...]) -> L.llama_sampler_p:
+        key = _grammar_key(grammar, triggers)
         with self._lock:
             sampler = self._prototypes.get(key)
             if sampler is not None:
                 self._prototypes.move_to_end(key)
                 return sampler
         # Parsing can take a while for big grammars: outside the lock, so the engine thread never waits on it.
-        parsed = self._parse(grammar)
+        parsed = self._parse(grammar, triggers)
         with self._lock:
             sampler = self._prototypes.get(key)
             if sampler is not None:  # parsed concurrently by another request
@@ -89,17 +95,17 @@ class GrammarCache:
                 L.llama_sampler_free(old)
             return parsed
 
-    def check(self, grammar: str) -> None:
+    def check(self, grammar: str, triggers: tuple[str, ...] = ()) -> None:
         """Parse and cache ``grammar``; raises InvalidRequest if llama.cpp rejects it. Blocking: use a thread."""
         if not grammar.strip():
             raise InvalidRequest("the grammar is empty", param="guided_grammar")
-        self._prototype(grammar)
+        self._prototype(grammar, triggers)
 
-    def instance(self, grammar: str) -> L.llama_sampler_p:
+    def instance(self, grammar: str, triggers: tuple[str, ...] = ()) -> L.llama_sampler_p:
         """A fresh grammar sampler for one sequence (a clone of the cached prototype)."""
-        key = _grammar_key(grammar)
+        key = _grammar_key(grammar, triggers)
         while True:
-            self._prototype(grammar)
+            self._prototype(grammar, triggers)
             with self._lock:
                 # Clone under the lock so that eviction cannot free the prototype mid-clone.
                 current = self._prototypes.get(key)

@@ -71,6 +71,7 @@ class Sequence:
     loop: asyncio.AbstractEventLoop
     out: EventSink
     grammar: str | None = None
+    grammar_triggers: tuple[str, ...] = ()
     top_logprobs: int | None = None
     # A sibling choice of the same prompt: this sequence waits for it to prefill, then copies its prompt's KV.
     fork_from: Sequence | None = None
