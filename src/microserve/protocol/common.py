@@ -22,7 +22,7 @@ class StreamOptions(WireModel):
 class GuidedFields(WireModel):
     """NIM's ``nvext`` guided decoding, also accepted at the top level as vLLM does."""
 
-    guided_json: dict[str, Any] | str | None = None
+    guided_json: Any = None  # a schema object or its JSON text; checked by the service
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None

@@ -79,13 +79,15 @@ def sampling_params(fields: SamplingFields, max_tokens: int, vocab_size: int | N
     )
 
 
-def _schema_value(value: dict[str, Any] | str, param: str) -> Any:
-    if isinstance(value, dict):
-        return value
-    try:
-        return json.loads(value)
-    except json.JSONDecodeError as exc:
-        raise InvalidRequest(f"`{param}` is not valid JSON: {exc}", param=param) from exc
+def _schema_value(value: Any, param: str) -> Any:
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise InvalidRequest(f"`{param}` is not valid JSON: {exc}", param=param) from exc
+    if not isinstance(value, dict):
+        raise InvalidRequest(f"`{param}` must be a JSON schema object", param=param)
+    return value
 
 
 def guides_of(fields: GuidedFields, prefix: str = "") -> list[Guide]:

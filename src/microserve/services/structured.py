@@ -189,16 +189,31 @@ def _natural_range(lo: int, hi: int | None) -> list[str]:
     """Alternatives for the integers ``lo..hi`` (``hi`` None: up to 15 digits), ``lo >= 0``, no leading zeros."""
     top = hi if hi is not None else 10**MAX_INTEGER_DIGITS - 1
     out: list[str] = []
+    full: list[int] = []  # widths whose every value is in range, written as one repetition
     for width in range(len(str(lo)), len(str(top)) + 1):
         a = max(lo, 10 ** (width - 1) if width > 1 else 0)
         b = min(top, 10**width - 1)
-        if a <= b:
+        if width > 1 and a == 10 ** (width - 1) and b == 10**width - 1:
+            full.append(width)
+        elif a <= b:
             out.extend(_digits_range(str(a).zfill(width), str(b)))
+    if full:
+        low, high = full[0] - 1, full[-1] - 1
+        out.append(f"[1-9] [0-9]{{{low}}}" if low == high else f"[1-9] [0-9]{{{low},{high}}}")
     return out
 
 
 def integer_range_gbnf(lo: int | None, hi: int | None) -> str:
-    """A GBNF expression for the decimal integers in ``[lo, hi]`` (either end may be open)."""
+    """A GBNF expression for the decimal integers in ``[lo, hi]`` (either end may be open).
+
+    Values are kept within 15 digits, as the converter's plain integers are: a wider bound is narrowed to that,
+    which keeps every generated value inside the schema's bounds.
+    """
+    limit = 10**MAX_INTEGER_DIGITS - 1
+    lo = None if lo is None or lo < -limit else lo
+    hi = None if hi is None or hi > limit else hi
+    if (lo is not None and lo > limit) or (hi is not None and hi < -limit):
+        raise SchemaError(f"integer bounds beyond {MAX_INTEGER_DIGITS} digits are not supported")
     alts: list[str] = []
     if lo is None or lo < 0:
         # Negative part: "-" then the magnitudes |hi|..|lo| (at least 1).
@@ -216,6 +231,8 @@ class _Converter(SchemaConverter):
     def visit(self, schema: Any, name: str) -> str:
         if isinstance(schema, bool):
             schema = {}
+        # Annotations do not constrain; left in, they make the converter take {"description": ...} for unknown.
+        schema = {k: v for k, v in schema.items() if k not in _ANNOTATIONS}
         if schema.get("type") == "integer" and _int_bounds(schema) != (None, None):
             lo, hi = _int_bounds(schema)
             rule_name = name + "-" if name in RESERVED_NAMES else name or "root"
