@@ -41,7 +41,14 @@ class Sampled:
 
 
 class SequenceSampler:
-    """The sampling state of one sequence; the caller frees it with :meth:`free` on the engine thread."""
+    """The sampling state of one sequence; the caller frees it with :meth:`free` on the engine thread.
+
+    ``chain`` holds the shaping stages (and, on the plain path, the draw); ``pick`` is the separate draw of the
+    inspected path. With a grammar and no logprobs, ``fast`` is the same chain without the grammar: a token drawn
+    from it and accepted by the grammar is kept (one candidate checked instead of the whole vocabulary, as
+    llama-server does); otherwise the token is drawn again with the grammar applied. Greedy picks are unchanged by
+    this, and sampled ones follow the masked distribution exactly when no top-k/p truncation is involved.
+    """
 
     def __init__(
         self,
@@ -50,22 +57,24 @@ class SequenceSampler:
         pick: L.llama_sampler_p | None,
         n_vocab: int,
         top_logprobs: int | None,
+        grammar: L.llama_sampler_p | None = None,
+        fast: L.llama_sampler_p | None = None,
     ) -> None:
         self._chain = chain
         self._pick = pick
         self._n_vocab = n_vocab
         self._top = top_logprobs
+        self._grammar = grammar  # borrowed: owned by the chain
+        self._fast = fast
         self._candidates: np.ndarray | None = None
+        self._one = np.empty(1, dtype=_CANDIDATE)
 
     @property
     def inspected(self) -> bool:
         """True when sampling goes through the candidate array (grammar or logprobs)."""
         return self._pick is not None
 
-    def sample(self, ctx: L.llama_context_p, idx: int) -> Sampled | None:
-        """Sample from the logits at batch index ``idx``; None when no token is allowed (a dead-end grammar)."""
-        if self._pick is None:
-            return Sampled(L.llama_sampler_sample(self._chain, ctx, idx))
+    def _fill(self, ctx: L.llama_context_p, idx: int) -> L.llama_token_data_array:
         n = self._n_vocab
         if self._candidates is None:
             self._candidates = np.empty(n, dtype=_CANDIDATE)
@@ -73,12 +82,50 @@ class SequenceSampler:
         cand["id"] = np.arange(n, dtype=np.int32)
         cand["logit"] = np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, idx), shape=(n,))
         cand["p"] = 0.0
-        array = L.llama_token_data_array(
+        return L.llama_token_data_array(
             data=cand.ctypes.data_as(L.llama_token_data_p), size=n, selected=-1, sorted=False
         )
+
+    def _accept(self, token: int) -> None:
+        L.llama_sampler_accept(self._chain, token)
+        if self._fast is not None:
+            L.llama_sampler_accept(self._fast, token)
+
+    def _try_fast(self, ctx: L.llama_context_p, idx: int) -> int | None:
+        """A token drawn without the grammar, if the grammar allows it."""
+        assert self._fast is not None and self._pick is not None and self._grammar is not None
+        array = self._fill(ctx, idx)
+        L.llama_sampler_apply(self._fast, ctypes.byref(array))
+        L.llama_sampler_apply(self._pick, ctypes.byref(array))
+        assert self._candidates is not None
+        selected = int(array.selected)
+        if not 0 <= selected < array.size:
+            return None
+        chosen = self._candidates[selected]
+        if not np.isfinite(chosen["logit"]):
+            return None
+        one = self._one
+        one[0] = chosen
+        single = L.llama_token_data_array(
+            data=one.ctypes.data_as(L.llama_token_data_p), size=1, selected=-1, sorted=False
+        )
+        L.llama_sampler_apply(self._grammar, ctypes.byref(single))
+        return int(one["id"][0]) if np.isfinite(one["logit"][0]) else None
+
+    def sample(self, ctx: L.llama_context_p, idx: int) -> Sampled | None:
+        """Sample from the logits at batch index ``idx``; None when no token is allowed (a dead-end grammar)."""
+        if self._pick is None:
+            return Sampled(L.llama_sampler_sample(self._chain, ctx, idx))
+        if self._fast is not None:
+            token = self._try_fast(ctx, idx)
+            if token is not None:
+                self._accept(token)
+                return Sampled(token)
+        array = self._fill(ctx, idx)
         L.llama_sampler_apply(self._chain, ctypes.byref(array))
         L.llama_sampler_apply(self._pick, ctypes.byref(array))
-        kept = cand[: array.size]
+        assert self._candidates is not None
+        kept = self._candidates[: array.size]
         logits = kept["logit"].astype(np.float64)
         finite = np.isfinite(logits)
         if not finite.any():
@@ -88,7 +135,7 @@ class SequenceSampler:
             # The draw can land on a masked candidate only at the edge of floating point; take the best instead.
             selected = int(np.argmax(np.where(finite, logits, -np.inf)))
         token = int(kept["id"][selected])
-        L.llama_sampler_accept(self._chain, token)
+        self._accept(token)
         if self._top is None:
             return Sampled(token)
         top_logit = logits[finite].max()
@@ -105,24 +152,23 @@ class SequenceSampler:
     def free(self) -> None:
         """Free the llama.cpp samplers (the chain owns the grammar sampler added to it)."""
         L.llama_sampler_free(self._chain)
+        if self._fast is not None:
+            L.llama_sampler_free(self._fast)
         if self._pick is not None:
             L.llama_sampler_free(self._pick)
         self._candidates = None
 
 
-def build_sampler(
+def _add_shaping(
+    chain: L.llama_sampler_p,
     params: SamplingParams,
     *,
     n_vocab: int,
     eog_ids: Iterable[int],
     penalty_window: int,
-    grammar: L.llama_sampler_p | None = None,
-    top_logprobs: int | None = None,
-) -> SequenceSampler:
-    """The sampler of one sequence; ``grammar`` (owned from here on) constrains it, ``top_logprobs`` asks for
-    logprobs with that many alternatives (0: the sampled token's only)."""
-    chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
-    inspected = grammar is not None or top_logprobs is not None
+    grammar: L.llama_sampler_p | None,
+) -> None:
+    """Bias, penalties, the grammar (if any) and, unless greedy, truncation and temperature."""
     biases = dict(params.logit_bias)
     if params.ignore_eos:
         # End-of-generation tokens are banned outright, as llama-server does, so the sequence runs to max_tokens.
@@ -145,11 +191,7 @@ def build_sampler(
     if grammar is not None:
         L.llama_sampler_chain_add(chain, grammar)
     if params.temperature <= 0.0:
-        pick = L.llama_sampler_init_greedy()
-        if not inspected:
-            L.llama_sampler_chain_add(chain, pick)
-            return SequenceSampler(chain, pick=None, n_vocab=n_vocab, top_logprobs=None)
-        return SequenceSampler(chain, pick=pick, n_vocab=n_vocab, top_logprobs=top_logprobs)
+        return
     if params.top_k > 0:
         L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_k(params.top_k))
     if params.top_p < 1.0:
@@ -157,9 +199,33 @@ def build_sampler(
     if params.min_p > 0.0:
         L.llama_sampler_chain_add(chain, L.llama_sampler_init_min_p(params.min_p, 1))
     L.llama_sampler_chain_add(chain, L.llama_sampler_init_temp(params.temperature))
-    seed = params.seed if params.seed is not None else random.getrandbits(32)
-    dist = L.llama_sampler_init_dist(seed & 0xFFFFFFFF)
-    if not inspected:
-        L.llama_sampler_chain_add(chain, dist)
+
+
+def build_sampler(
+    params: SamplingParams,
+    *,
+    n_vocab: int,
+    eog_ids: Iterable[int],
+    penalty_window: int,
+    grammar: L.llama_sampler_p | None = None,
+    top_logprobs: int | None = None,
+) -> SequenceSampler:
+    """The sampler of one sequence; ``grammar`` (owned from here on) constrains it, ``top_logprobs`` asks for
+    logprobs with that many alternatives (0: the sampled token's only)."""
+    eog = list(eog_ids)
+    shaping = {"n_vocab": n_vocab, "eog_ids": eog, "penalty_window": penalty_window}
+    chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
+    _add_shaping(chain, params, grammar=grammar, **shaping)  # type: ignore[arg-type]
+    if params.temperature <= 0.0:
+        pick = L.llama_sampler_init_greedy()
+    else:
+        seed = params.seed if params.seed is not None else random.getrandbits(32)
+        pick = L.llama_sampler_init_dist(seed & 0xFFFFFFFF)
+    if grammar is None and top_logprobs is None:
+        L.llama_sampler_chain_add(chain, pick)
         return SequenceSampler(chain, pick=None, n_vocab=n_vocab, top_logprobs=None)
-    return SequenceSampler(chain, pick=dist, n_vocab=n_vocab, top_logprobs=top_logprobs)
+    fast = None
+    if grammar is not None and top_logprobs is None:
+        fast = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
+        _add_shaping(fast, params, grammar=None, **shaping)  # type: ignore[arg-type]
+    return SequenceSampler(chain, pick=pick, n_vocab=n_vocab, top_logprobs=top_logprobs, grammar=grammar, fast=fast)
