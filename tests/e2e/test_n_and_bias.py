@@ -79,7 +79,7 @@ def test_n_choices_share_one_prefill() -> None:
     assert manifest is not None
     path = ModelStore(Settings().cache_dir).path_for(manifest)
 
-    async def main() -> tuple[int, int, dict[int, list[int]], list[int]]:
+    async def main() -> tuple[int, int, dict[int, list[int]], dict[int, list[int]]]:
         engine = LlamaCppEngine(LlamaCppConfig(path=str(path), model_id=MODEL, parallel=4, context_length=512))
         await engine.start()
         try:
@@ -90,17 +90,20 @@ def test_n_choices_share_one_prefill() -> None:
             async for delta in engine.generate(GenerationRequest("n3", prompt, params, n=3)):
                 outputs[delta.index].extend(delta.token_ids)
             shared = engine.stats().prefix_hit_tokens - before
-            alone: list[int] = []
-            other = engine.tokenize("Something else entirely, so the slots differ.", add_special=True)
-            async for delta in engine.generate(GenerationRequest("n1", other, params)):
-                alone.extend(delta.token_ids)
-            return len(prompt), shared, outputs, alone
+            # More choices than slots: the late ones start after the first has finished and copy from the slot
+            # that still holds the prompt.
+            many: dict[int, list[int]] = defaultdict(list)
+            other = engine.tokenize("Something else entirely, with more choices than slots.", add_special=True)
+            async for delta in engine.generate(GenerationRequest("n6", other, params, n=6)):
+                many[delta.index].extend(delta.token_ids)
+            return len(prompt), shared, outputs, many
         finally:
             await engine.shutdown()
 
-    prompt_len, shared, outputs, _ = asyncio.run(main())
+    prompt_len, shared, outputs, many = asyncio.run(main())
     assert shared >= 2 * (prompt_len - 1)
     assert outputs[0] and outputs[0] == outputs[1] == outputs[2]
+    assert sorted(many) == list(range(6)) and all(many[i] == many[0] for i in range(6))
 
 
 def _generated_pieces(smollm: Server, bias: dict[str, int] | None, seed: int) -> list[bytes]:

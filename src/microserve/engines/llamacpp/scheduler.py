@@ -240,18 +240,20 @@ class Scheduler:
             parent = seq.fork_from
             if parent is None:
                 continue
-            if parent.slot is None or parent.cancelled:
-                seq.fork_from = None  # the sibling is gone: prefill alone
-                continue
-            if parent.prefilled < len(parent.prompt):
-                continue
+            if parent.slot is not None and not parent.cancelled and parent.prefilled < len(parent.prompt):
+                continue  # still prefilling
             seq.fork_from = None
             share = len(seq.prompt) - 1
             slot = seq.slot
-            if slot is None or seq.prefilled >= share or parent.prompt[:share] != seq.prompt[:share]:
+            if slot is None or seq.prefilled >= share:
                 continue
+            # The sibling's slot, or, if it already finished, whichever slot still holds the prompt.
+            prefix = seq.prompt[:share]
+            source = next((s for s in self._slots if s is not slot and s.tokens[:share] == prefix), None)
+            if source is None:
+                continue  # the sibling is gone and so is its prompt: prefill alone
             L.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
-            L.llama_memory_seq_cp(self._mem, parent.slot.seq_id, slot.seq_id, -1, -1)
+            L.llama_memory_seq_cp(self._mem, source.seq_id, slot.seq_id, -1, -1)
             if not L.llama_memory_seq_rm(self._mem, slot.seq_id, share, -1):
                 L.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
                 slot.tokens.clear()
