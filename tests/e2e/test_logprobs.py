@@ -126,3 +126,27 @@ def test_out_of_range_logprobs_are_400(smollm: Server, path: str, extra: dict, p
     assert response.status_code == 400
     error = response.json()["error"]
     assert error["param"] == param and error["type"] == "invalid_request_error"
+
+
+def test_logprobs_leave_out_a_stop_string(smollm: Server) -> None:
+    reply = smollm.client().chat.completions.create(
+        model=MODEL,
+        messages=ASK,
+        logprobs=True,
+        temperature=0,
+        max_tokens=40,
+        stop=[","],  # type: ignore[arg-type]
+    )
+    choice = reply.choices[0]
+    assert choice.finish_reason == "stop" and "," not in (choice.message.content or "")
+    entries = choice.logprobs.content if choice.logprobs else None
+    assert entries is not None
+    assert "".join(e.token for e in entries) == choice.message.content
+    # The same greedy answer without the stop string does go on with a comma: the stop string was cut.
+    full = smollm.client().chat.completions.create(
+        model=MODEL,
+        messages=ASK,
+        temperature=0,
+        max_tokens=40,  # type: ignore[arg-type]
+    )
+    assert (full.choices[0].message.content or "").startswith(f"{choice.message.content},")

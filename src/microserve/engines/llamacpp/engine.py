@@ -309,6 +309,9 @@ class LlamaCppEngine:
         cached = [0] * n
         done = [False] * n
         engine_done = [False] * n  # the engine has released the sequence itself
+        # Logprobs of tokens whose text is held back as a possible stop string: listed once the text is emitted,
+        # dropped if it was a stop string, so that the listed tokens always spell the content.
+        held: list[list[TokenLogprob]] = [[] for _ in range(n)]
         for seq in seqs:
             scheduler.submit(seq)
         try:
@@ -334,7 +337,18 @@ class LlamaCppEngine:
                             if request.logprobs is not None and not (
                                 event.finish == "stop" and not self.piece(event.id)
                             ):
-                                part.logprobs.append(self._token_logprob(event))
+                                held[index].append(self._token_logprob(event))
+                                if stopped:
+                                    # Keep the tokens whose text, at least in part, precedes the stop string.
+                                    start = 0
+                                    for item in held[index]:
+                                        if start < len(emitted):
+                                            part.logprobs.append(item)
+                                        start += len(item.token.decode("utf-8", errors="replace"))
+                                    held[index].clear()
+                                elif not texts[index].holding or event.finish is not None:
+                                    part.logprobs.extend(held[index])
+                                    held[index].clear()
                         part.parts.append(emitted)
                         if stopped:
                             part.finish = "stop"
