@@ -83,7 +83,7 @@ def _schema_value(value: Any, param: str) -> Any:
     if isinstance(value, str):
         try:
             value = json.loads(value)
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, RecursionError) as exc:
             raise InvalidRequest(f"`{param}` is not valid JSON: {exc}", param=param) from exc
     if not isinstance(value, dict):
         raise InvalidRequest(f"`{param}` must be a JSON schema object", param=param)

@@ -331,7 +331,10 @@ class Guide:
 
     def key(self) -> str:
         """A stable hash of the specification, for caching the grammar built from it."""
-        text = json.dumps([self.kind, self.spec], sort_keys=True, separators=(",", ":"), default=str)
+        try:
+            text = json.dumps([self.kind, self.spec], sort_keys=True, separators=(",", ":"), default=str)
+        except RecursionError as exc:
+            raise SchemaError("the schema is nested too deeply", param=self.param) from exc
         return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -363,6 +366,8 @@ class GrammarBuilder:
             if exc.param is None:
                 exc.param = guide.param
             raise
+        except RecursionError as exc:
+            raise SchemaError("the schema or pattern is nested too deeply", param=guide.param) from exc
         with self._lock:
             self._cache[guide.key()] = grammar
             while len(self._cache) > self._capacity:
