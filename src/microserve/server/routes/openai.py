@@ -43,7 +43,7 @@ async def list_models(request: Request) -> ModelList:
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> ChatCompletion | Response:
     """Chat completion, streamed as SSE when ``stream`` is true."""
     service: ChatService = request.app.state.chat
-    prepared = service.prepare(body)
+    prepared = await service.prepare(body)
     if body.stream:
         return sse_response(service.stream(prepared))
     return await until_disconnect(request, service.complete(prepared))
@@ -53,7 +53,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Cha
 async def completions(body: CompletionRequest, request: Request) -> Completion | Response:
     """Text completion of one prompt or a list of prompts, streamed as SSE when ``stream`` is true."""
     service: CompletionService = request.app.state.completions
-    prepared = service.prepare(body)
+    prepared = await service.prepare(body)
     if body.stream:
         return sse_response(service.stream(prepared))
     return await until_disconnect(request, service.complete(prepared))
