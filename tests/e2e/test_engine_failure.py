@@ -17,6 +17,7 @@ import pytest
 import uvicorn
 from conftest import free_port
 
+from microserve import hardware
 from microserve.catalog.resolve import resolve_model
 from microserve.server.app import create_app
 from microserve.settings import Settings
@@ -45,7 +46,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Flak
     patch = pytest.MonkeyPatch()
     patch.setattr(llama_cpp, "llama_decode", flaky)
     settings = Settings(parallel=2, port=free_port())
-    model = resolve_model(MODEL, ModelStore(settings.cache_dir))
+    model = resolve_model(MODEL, ModelStore(settings.cache_dir), hardware=hardware.probe())
     server = uvicorn.Server(uvicorn.Config(create_app(settings, [model]), port=settings.port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -41,6 +41,24 @@ class GenerationRequest:
     params: SamplingParams
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
+    # A GBNF grammar every choice must follow (already checked with ``TextEngine.check_grammar``).
+    grammar: str | None = None
+    # Regexes that switch the grammar on where they first match in the output; empty: it holds from the start.
+    grammar_triggers: tuple[str, ...] = ()
+    # Report logprobs with this many alternatives per token (0: the sampled token's only); None: no logprobs.
+    logprobs: int | None = None
+    # Independent choices of the same prompt; the engine prefills the prompt once and shares it.
+    n: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """A generated token's text bytes and logprob, with the most likely alternatives (token bytes, logprob)."""
+
+    token_id: int
+    token: bytes
+    logprob: float
+    top: tuple[tuple[bytes, float], ...] = ()
 
 
 @dataclass(slots=True)
@@ -53,6 +71,10 @@ class GenerationDelta:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int = 0
+    # Which of the request's ``n`` choices this delta belongs to; usage fields count that choice only.
+    index: int = 0
+    # One entry per generated token in this delta when logprobs were requested (end-of-turn tokens excluded).
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,7 +130,12 @@ class TextEngine(Protocol):
         ...
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
-        """Stream deltas until the sequence finishes; closing the iterator cancels the sequence."""
+        """Stream deltas of every choice until all finish; closing the iterator cancels the sequences."""
+        ...
+
+    async def check_grammar(self, grammar: str, triggers: tuple[str, ...] = ()) -> None:
+        """Compile ``grammar`` (GBNF, lazy when ``triggers`` are given) off the event loop and cache it; raise
+        InvalidRequest if it is invalid."""
         ...
 
     def stats(self) -> EngineStats:

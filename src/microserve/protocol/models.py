@@ -15,6 +15,7 @@ class ModelCard(BaseModel):
     root: str | None = None
     max_model_len: int | None = None
     task: str | None = None
+    profile: str | None = None
     # Encoders: how the model ranks ("bi-encoder" or "cross-encoder"), its dimensions and batching counters.
     metadata: dict[str, Any] | None = None
 

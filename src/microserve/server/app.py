@@ -14,7 +14,7 @@ from microserve.catalog.resolve import ResolvedModel
 from microserve.engines.factory import build_encoder_engine, build_text_engine
 from microserve.server.errors import install_error_handlers
 from microserve.server.logging import RequestLogMiddleware
-from microserve.server.routes import health, openai, retrieval
+from microserve.server.routes import health, metadata, openai, retrieval
 from microserve.services.chat import ChatService
 from microserve.services.completions import CompletionService
 from microserve.services.embeddings import EmbeddingService
@@ -33,12 +33,18 @@ def _served(model: ResolvedModel, settings: Settings) -> AnyModel:
             task=model.task,
             prefixes=model.prefixes,
             aliases=model.aliases,
+            profile=model.profile.id,
+            engine_name=model.profile.engine,
+            source=model.profile.source.describe(),
         )
     return ServedModel(
         name=model.name,
         engine=build_text_engine(model, settings),
         task=model.task,
         template_family=model.template_family,
+        profile=model.profile.id,
+        engine_name=model.profile.engine,
+        source=model.profile.source.describe(),
     )
 
 
@@ -82,4 +88,5 @@ def create_app(settings: Settings, models: list[ResolvedModel]) -> FastAPI:
     app.include_router(openai.router)
     app.include_router(retrieval.router)
     app.include_router(health.router)
+    app.include_router(metadata.router)
     return app

@@ -19,6 +19,9 @@ class ServedModel:
     engine: TextEngine
     task: str = "chat"
     template_family: str | None = None
+    profile: str | None = None
+    engine_name: str | None = None
+    source: str | None = None
     created: int = field(default_factory=lambda: int(time.time()))
     _template: ChatTemplate | None = None
 
@@ -42,6 +45,9 @@ class EncoderModel:
     task: str = "embedding"
     prefixes: Mapping[str, str] = field(default_factory=dict)
     aliases: tuple[str, ...] = ()
+    profile: str | None = None
+    engine_name: str | None = None
+    source: str | None = None
     created: int = field(default_factory=lambda: int(time.time()))
 
 

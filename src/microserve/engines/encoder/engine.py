@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +12,7 @@ from microserve.engines.base import EncoderInfo, EncoderInput, EncoderKind, Enco
 from microserve.engines.encoder.batching import DynamicBatcher
 from microserve.engines.encoder.model_dir import WordTokenizer, read_layout
 from microserve.errors import NotReady
+from microserve.hardware import usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +28,6 @@ class EncoderConfig:
     threads: int | None = None
     max_batch: int = 32
     max_wait_ms: float = 5.0
-
-
-def _usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 class SentenceEncoder:
@@ -67,7 +63,7 @@ class SentenceEncoder:
             onnx_path,
             self.config.kind,
             layout,
-            threads=self.config.threads or _usable_cores(),
+            threads=self.config.threads or usable_cores(),
             pad_id=tokenizer.pad_id,
         )
         warm = forward([EncoderInput([tokenizer.cls_id, *tokenizer.encode("warm up"), tokenizer.sep_id])])

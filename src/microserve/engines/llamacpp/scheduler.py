@@ -18,10 +18,12 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import llama_cpp as L
 
 from microserve.engines.base import EngineStats, SamplingParams
+from microserve.engines.llamacpp.sampling import SequenceSampler
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +32,10 @@ log = logging.getLogger(__name__)
 class Token:
     """One sampled token, posted to the request's queue."""
 
-    id: int
+    id: int  # -1: no token was allowed (a grammar with no way forward); the sequence ends without one
     finish: str | None
+    logprob: float | None = None
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(slots=True)
@@ -51,6 +55,12 @@ class Admitted:
 Event = Token | Failure | Admitted
 
 
+class EventSink(Protocol):
+    """Where a sequence's events go: its request's asyncio queue, or a tagging wrapper shared by siblings."""
+
+    def put_nowait(self, item: Event, /) -> None: ...
+
+
 @dataclass(eq=False, slots=True)
 class Sequence:
     """A request as the engine thread sees it."""
@@ -59,10 +69,15 @@ class Sequence:
     params: SamplingParams
     stop_ids: frozenset[int]
     loop: asyncio.AbstractEventLoop
-    out: asyncio.Queue[Event]
+    out: EventSink
+    grammar: str | None = None
+    grammar_triggers: tuple[str, ...] = ()
+    top_logprobs: int | None = None
+    # A sibling choice of the same prompt: this sequence waits for it to prefill, then copies its prompt's KV.
+    fork_from: Sequence | None = None
     cancelled: bool = False
     slot: Slot | None = None
-    sampler: L.llama_sampler_p | None = None
+    sampler: SequenceSampler | None = None
     prefilled: int = 0
     generated: int = 0
     next_token: int = -1
@@ -141,7 +156,7 @@ class Scheduler:
         batch_size: int,
         prefill_chunk: int | None = None,
         prefix_cache: bool = True,
-        sampler_factory: Callable[[SamplingParams], L.llama_sampler_p],
+        sampler_factory: Callable[[Sequence], SequenceSampler],
         eog_ids: frozenset[int],
     ) -> None:
         self._ctx = ctx
@@ -210,6 +225,7 @@ class Scheduler:
             self._drop_cancelled()
             try:
                 self._admit()
+                self._fork_siblings()
                 if self._running:
                     self._step()
             except Exception as exc:  # a bug must fail the requests in hand, never leave them waiting forever
@@ -251,10 +267,51 @@ class Scheduler:
             slot.last_used = next(self._clock)
             seq.slot = slot
             seq.prefilled = reuse
-            seq.sampler = self._make_sampler(seq.params)
+            try:
+                seq.sampler = self._make_sampler(seq)
+            except Exception as exc:  # a grammar that no longer compiles: fail this request, not the engine
+                log.exception("could not build the sampler of a sequence")
+                self._release(seq)
+                self._post([(seq, Failure(f"could not build the sampler: {exc}"))])
+                continue
             self.prefix_hit_tokens += reuse
             self._running.append(seq)
             self._post([(seq, Admitted(reuse))])
+
+    def _fork_siblings(self) -> None:
+        """Give each waiting sibling choice the prompt KV of the sibling that prefilled it, minus the last token.
+
+        The last prompt token is decoded again in the sibling's own slot so that it gets its own logits; the rest
+        of the prompt is computed once for all ``n`` choices. Across KV streams llama.cpp copies the stream's
+        buffer at the next decode; within one stream it only tags the cells.
+        """
+        for seq in self._running:
+            parent = seq.fork_from
+            if parent is None:
+                continue
+            if parent.slot is not None and not parent.cancelled and parent.prefilled < len(parent.prompt):
+                continue  # still prefilling
+            seq.fork_from = None
+            share = len(seq.prompt) - 1
+            slot = seq.slot
+            if slot is None or seq.prefilled >= share:
+                continue
+            # The sibling's slot, or, if it already finished, whichever slot still holds the prompt.
+            prefix = seq.prompt[:share]
+            source = next((s for s in self._slots if s is not slot and s.tokens[:share] == prefix), None)
+            if source is None:
+                continue  # the sibling is gone and so is its prompt: prefill alone
+            L.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
+            L.llama_memory_seq_cp(self._mem, source.seq_id, slot.seq_id, -1, -1)
+            if not L.llama_memory_seq_rm(self._mem, slot.seq_id, share, -1):
+                L.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
+                slot.tokens.clear()
+                seq.prefilled = 0
+                continue
+            slot.tokens[:] = seq.prompt[:share]
+            self.prefix_hit_tokens += share - seq.prefilled
+            seq.prefilled = share
+            self._post([(seq, Admitted(share))])
 
     def _pick_slot(self, free: list[Slot], prompt: list[int]) -> tuple[Slot, int]:
         # The free slot sharing the longest prefix with the prompt, else the least recently used one: its cached
@@ -300,7 +357,7 @@ class Scheduler:
             if budget <= 0:
                 break
             remaining = len(seq.prompt) - seq.prefilled
-            if remaining <= 0:
+            if remaining <= 0 or seq.fork_from is not None:
                 continue
             take = min(budget, remaining)
             start = seq.prefilled
@@ -319,14 +376,20 @@ class Scheduler:
         events: list[tuple[Sequence, Event]] = []
         finished: list[Sequence] = []
         for seq, idx in sample_at:
-            token = L.llama_sampler_sample(seq.sampler, self._ctx, idx)
+            assert seq.sampler is not None
+            sampled = seq.sampler.sample(self._ctx, idx)
+            if sampled is None:
+                events.append((seq, Token(-1, "stop")))
+                finished.append(seq)
+                continue
+            token = sampled.token
             seq.generated += 1
             finish: str | None = None
             if token in seq.stop_ids or (token in self._eog and not seq.params.ignore_eos):
                 finish = "stop"
             elif seq.generated >= seq.params.max_tokens or len(seq.prompt) + seq.generated >= self._n_ctx_seq:
                 finish = "length"
-            events.append((seq, Token(token, finish)))
+            events.append((seq, Token(token, finish, sampled.logprob, sampled.top)))
             if finish:
                 finished.append(seq)
             else:
@@ -361,7 +424,7 @@ class Scheduler:
             seq.slot.last_used = next(self._clock)
             seq.slot = None
         if seq.sampler is not None:
-            L.llama_sampler_free(seq.sampler)
+            seq.sampler.free()
             seq.sampler = None
 
     @staticmethod

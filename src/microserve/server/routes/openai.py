@@ -35,6 +35,7 @@ async def list_models(request: Request) -> ModelList:
                 root=model.name,
                 max_model_len=length,
                 task=model.task,
+                profile=model.profile,
                 metadata=metadata,
             )
         )
@@ -45,7 +46,7 @@ async def list_models(request: Request) -> ModelList:
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> ChatCompletion | Response:
     """Chat completion, streamed as SSE when ``stream`` is true."""
     service: ChatService = request.app.state.chat
-    prepared = service.prepare(body)
+    prepared = await service.prepare(body)
     if body.stream:
         return sse_response(service.stream(prepared))
     return await until_disconnect(request, service.complete(prepared))
@@ -55,7 +56,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Cha
 async def completions(body: CompletionRequest, request: Request) -> Completion | Response:
     """Text completion of one prompt or a list of prompts, streamed as SSE when ``stream`` is true."""
     service: CompletionService = request.app.state.completions
-    prepared = service.prepare(body)
+    prepared = await service.prepare(body)
     if body.stream:
         return sse_response(service.stream(prepared))
     return await until_disconnect(request, service.complete(prepared))
