@@ -114,7 +114,8 @@ def bench(model: str, cap: int, sentences: int, repeats: int, out: Path) -> dict
     """Median figures over ``repeats`` runs on one server started with ``--prefill-chunk cap`` (0: adaptive)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "microserve", "serve", "--model", model, "--port", str(port), "--parallel", "8",
+    cmd = [sys.executable, "-m", "microserve", "serve", "--model", model, "--embedding-model", "none",
+           "--port", str(port), "--parallel", "8",
            "--batch-size", "256"] + (["--prefill-chunk", str(cap)] if cap else [])  # fmt: skip
     with running_server(model, cmd, url, f"{url}/v1/health/ready", log_path=out / f"long-prompt-{cap}.log"):
         asyncio.run(measure(url, model, 10, -1, 1.0))  # warm-up

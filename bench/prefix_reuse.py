@@ -92,7 +92,19 @@ def bench(model: str, reuse: bool, turns: int, max_tokens: int, repeats: int, ou
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     flag = "--prefix-cache" if reuse else "--no-prefix-cache"
-    cmd = [sys.executable, "-m", "microserve", "serve", "--model", model, "--port", str(port), "--parallel", "4", flag]
+    cmd = [
+        sys.executable,
+        "-m",
+        "microserve",
+        "serve",
+        "--model",
+        model,
+        "--embedding-model",
+        "none",
+        "--port",
+        str(port),
+    ]
+    cmd += ["--parallel", "4", flag]
     runs = []
     with running_server(model, cmd, url, f"{url}/v1/health/ready", log_path=out / f"prefix-{flag[2:]}.log"):
         conversation(url, model, "Warm-up.", 1, 4)
