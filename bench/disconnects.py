@@ -69,7 +69,9 @@ def main() -> None:
     args = parser.parse_args()
     port = free_port()
     url = f"http://127.0.0.1:{port}"
+    # The chat model alone, as in the figures of docs/benchmarks.md.
     cmd = [sys.executable, "-m", "microserve", "serve", "--port", str(port), "--parallel", str(args.slots)]
+    cmd += ["--embedding-model", "none"]
     with running_server("microserve", cmd, url, f"{url}/v1/health/ready", log_path=args.out / "disconnects.log"):
         started = time.perf_counter()
         aborted = asyncio.run(run(url, args.streams, args.concurrency))

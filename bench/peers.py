@@ -123,7 +123,8 @@ def _fetch_source(version: str, base: Path, log: Callable[[str], None]) -> Path:
     if (llama_dir / "CMakeLists.txt").is_file():
         return llama_dir
     with tempfile.TemporaryDirectory(dir=base) as tmp:
-        pip = [sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps"]
+        # Only this package as an sdist: `:all:` would also compile its build backend from source.
+        pip = [sys.executable, "-m", "pip", "download", "--no-binary", "llama-cpp-python", "--no-deps"]
         _run([*pip, f"llama-cpp-python=={version}", "-d", tmp], log)
         sdists = list(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
         if len(sdists) != 1:

@@ -26,7 +26,19 @@ BATCHING_FLOOR = 1.6  # gemma-3-270m at c=8 vs c=1
 def bench_model(model: str, threads: int | None, out: Path) -> list[LoadResult]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "microserve", "serve", "--model", model, "--port", str(port), "--parallel", "16"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "microserve",
+        "serve",
+        "--model",
+        model,
+        "--embedding-model",
+        "none",
+        "--port",
+        str(port),
+    ]
+    cmd += ["--parallel", "16"]
     if threads:
         cmd += ["--threads", str(threads)]
     results = []

@@ -36,7 +36,9 @@ def main() -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     # The queue holds every client that does not have a slot, so no request is turned away.
+    # The chat model alone, as in the figures of docs/benchmarks.md.
     cmd = [sys.executable, "-m", "microserve", "serve", "--port", str(port), "--parallel", str(args.slots)]
+    cmd += ["--embedding-model", "none"]
     cmd += ["--max-queue", str(args.concurrency)]
     prompts = [f"Request {i}: describe the number {i} in one sentence." for i in range(97)]
     with running_server("microserve", cmd, url, f"{url}/v1/health/ready", log_path=args.out / "soak.log") as server:

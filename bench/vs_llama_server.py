@@ -434,7 +434,8 @@ def main(argv: list[str] | None = None) -> int:
         port = free_port()
         cmd = [
             str(REPO / ".venv" / "bin" / "python"), "-m", "microserve", "serve", "--model", microserve_model,
-            "--parallel", str(args.parallel), "--threads", str(args.threads), "--port", str(port),
+            "--embedding-model", "none", "--parallel", str(args.parallel), "--threads", str(args.threads),
+            "--context-length", str(args.ctx_per_slot), "--port", str(port),
         ]  # fmt: skip
         run, _ = bench_server(MICROSERVE, cmd, port, "/v1/health/ready", microserve_model, args, out)
         runs.append(run)

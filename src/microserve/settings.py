@@ -1,21 +1,35 @@
 """Every knob of the service, in one pydantic-settings object.
 
-Values come from (highest first): CLI flags, ``MICROSERVE_*`` environment variables, defaults.
+Values come from (highest first): CLI flags, ``MICROSERVE_*`` environment variables, NIM's environment names
+(``NIM_*``, where the meaning is the same), defaults. docs/configuration.md lists every setting.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+DEFAULT_EMBEDDING_MODEL = "all-minilm-l6-v2"
 
 
 def _default_cache() -> Path:
     return Path.home() / ".cache" / "microserve"
+
+
+def _env(name: str, *nim: str) -> AliasChoices:
+    # Explicit aliases switch off the env prefix, so the MICROSERVE_ name is listed first: it wins over NIM's.
+    # The bare field name stays out: it would read unprefixed variables such as PORT or MODEL. Flags still set
+    # fields by name (populate_by_name).
+    return AliasChoices(f"MICROSERVE_{name.upper()}", *nim)
+
+
+_NIM_LOG_LEVELS = {"default": "info", "trace": "debug", "critical": "error", "warn": "warning"}
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
 
 
 class Settings(BaseSettings):
@@ -24,25 +38,87 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MICROSERVE_", extra="ignore", populate_by_name=True)
 
     host: str = Field("127.0.0.1", description="Address to bind.")
-    port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on.")
-    model: str = Field(DEFAULT_MODEL, description="A built-in model name or a path to a GGUF file.")
-    served_model_name: str | None = Field(
-        None, description="Name clients send as `model`; defaults to the built-in id or the file's stem."
+    port: int = Field(8000, ge=0, le=65535, validation_alias=_env("port", "NIM_SERVER_PORT"), description="TCP port.")
+    model: Annotated[list[str], NoDecode] = Field(
+        [DEFAULT_MODEL],
+        min_length=1,
+        validation_alias=_env("model", "NIM_MODEL_NAME"),
+        description="Models to serve: catalog ids, GGUF paths or hf://owner/repo/file.gguf (comma-separated in env).",
+    )
+    served_model_name: Annotated[list[str], NoDecode] = Field(
+        [],
+        validation_alias=_env("served_model_name", "NIM_SERVED_MODEL_NAME"),
+        description="Names clients send as `model`, one per served model in order; default the model id.",
     )
     context_length: int | None = Field(
-        None, ge=16, description="Tokens per sequence (prompt + completion); default min(model's, 4096)."
+        None,
+        ge=16,
+        validation_alias=_env("context_length", "NIM_MAX_MODEL_LEN"),
+        description="Tokens per sequence (prompt + completion); default the profile's, else min(model's, 4096).",
     )
-    parallel: int = Field(8, ge=1, le=256, description="Sequence slots decoded together in one batch.")
-    threads: int | None = Field(None, ge=1, description="CPU threads for llama.cpp; default the usable cores.")
-    batch_size: int = Field(
-        256, ge=16, description="Most tokens in one decode step (decode tokens plus prompt chunks)."
+    parallel: int | None = Field(
+        None, ge=1, le=256, description="Sequence slots decoded together in one batch; default the profile's (8)."
     )
-    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log verbosity.")
+    threads: int | None = Field(
+        None, ge=1, description="CPU threads for llama.cpp and the encoder; default the usable cores."
+    )
+    batch_size: int | None = Field(
+        None, ge=16, description="Most tokens in one decode step; default the profile's (256)."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", validation_alias=_env("log_level", "NIM_LOG_LEVEL"), description="Log verbosity."
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        validation_alias=_env("log_format", "NIM_JSONL_LOGGING"),
+        description="Log lines as text or as JSON objects, one a line.",
+    )
+    embedding_model: str | None = Field(
+        DEFAULT_EMBEDDING_MODEL,
+        description="Embedding model served beside the chat model: a built-in name or a sentence-transformers "
+        "directory; `none` serves no embedding model.",
+    )
+    rerank_model: str | None = Field(
+        None, description="A sentence-transformers CrossEncoder directory served for /v1/ranking and /v1/rerank."
+    )
+    encoder_max_batch: int = Field(32, ge=1, le=1024, description="Most inputs in one encoder forward pass.")
+    encoder_max_wait_ms: float = Field(
+        5.0, ge=0.0, le=1000.0, description="How long a forward pass waits for more inputs to fill its batch."
+    )
+    prefill_chunk: int | None = Field(
+        None,
+        ge=1,
+        description="Most prompt tokens per decode step while other sequences are generating. Unset, the "
+        "engine sizes it from measured step times so that such a step takes at most about twice a decode-only "
+        "step, which bounds the latency a long new prompt adds to running streams.",
+    )
+    prefix_cache: bool = Field(
+        True, description="Reuse the KV cells of earlier requests that share a prompt prefix (cached_tokens)."
+    )
     cache_dir: Path = Field(
         default_factory=_default_cache,
-        validation_alias=AliasChoices("MICROSERVE_CACHE", "cache_dir"),
+        validation_alias=AliasChoices("MICROSERVE_CACHE", "MICROSERVE_CACHE_DIR", "NIM_CACHE_PATH"),
         description="Where model artifacts are placed and verified.",
     )
+    # -- models, profiles and the store ------------------------------------------------------------------------
+    profile: str | None = Field(
+        None,
+        validation_alias=_env("profile", "NIM_MODEL_PROFILE"),
+        description="Force this profile id; an incompatible one is an error, never a silent fallback.",
+    )
+    offline: bool = Field(
+        False,
+        validation_alias=_env("offline", "HF_HUB_OFFLINE"),
+        description="Never touch the network; artifacts must already be cached.",
+    )
+    catalog_dir: Path | None = Field(
+        None, description="A folder of extra model manifests (*.yaml) added to the built-in catalog."
+    )
+
+    @field_validator("embedding_model", "rerank_model", mode="before")
+    @classmethod
+    def _none_word(cls, value: object) -> object:
+        return None if isinstance(value, str) and value.strip().lower() in ("", "none") else value
 
     # -- operations: API keys, admission, request limits, drain, logs, tracing, TLS ----------------------------
     # API keys come from the environment or a file only: a command-line flag would show them in `ps`.
@@ -52,7 +128,7 @@ class Settings(BaseSettings):
     api_key_file: Path | None = Field(None, description="File with one API key or `sha256:<hex>` digest per line.")
     metrics_public: bool = Field(False, description="Serve the metrics routes without an API key.")
     max_queue: int | None = Field(
-        None, ge=0, description="Requests per model waiting for a slot before 429s; default 4 x parallel."
+        None, ge=0, description="Requests per model waiting for a slot before 429s; default 4 x its slots."
     )
     queue_timeout: float = Field(30.0, gt=0, description="Seconds a request may wait for a slot before a 503.")
     max_body_bytes: int = Field(2 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 above).")
@@ -60,16 +136,13 @@ class Settings(BaseSettings):
         None, ge=1, description="Most completion tokens one request may ask for (and the default); else the context."
     )
     max_messages: int = Field(1024, ge=1, description="Most messages in one chat request.")
-    max_stop_sequences: int = Field(4, ge=0, description="Most stop strings in one request.")
+    max_stop_sequences: int = Field(
+        4, ge=0, description="Most stop strings in one request (OpenAI's cap of 4 holds too)."
+    )
     max_stop_length: int = Field(256, ge=1, description="Longest stop string, in characters.")
     max_n: int = Field(16, ge=1, description="Largest `n` (choices per request).")
     drain_timeout: float = Field(
         30.0, ge=0, description="Seconds in-flight requests may run after SIGTERM/SIGINT before exit."
-    )
-    log_format: Literal["text", "json"] = Field(
-        "text",
-        validation_alias=AliasChoices("MICROSERVE_LOG_FORMAT", "NIM_JSONL_LOGGING", "log_format"),
-        description="Log lines as text or as JSON objects (NIM_JSONL_LOGGING=1 means json).",
     )
     log_prompts: bool = Field(False, description="Include prompt text in request log lines.")
     otel_endpoint: str | None = Field(
@@ -81,23 +154,32 @@ class Settings(BaseSettings):
     ssl_keyfile: Path | None = Field(None, description="TLS private key (PEM).")
     ssl_ca_certs: Path | None = Field(None, description="CA bundle; when set, clients must present a certificate.")
 
-    @field_validator("log_format", mode="before")
-    @classmethod
-    def _log_format(cls, value: object) -> object:
-        # NIM_JSONL_LOGGING is a boolean switch; MICROSERVE_LOG_FORMAT names the format.
-        if isinstance(value, str):
-            lowered = value.strip().lower()
-            return {"1": "json", "true": "json", "yes": "json", "0": "text", "false": "text", "no": "text"}.get(
-                lowered, lowered
-            )
-        return value
-
-    @property
-    def queue_limit(self) -> int:
-        """Waiting requests allowed per model."""
-        return 4 * self.parallel if self.max_queue is None else self.max_queue
+    def queue_limit(self, slots: int) -> int:
+        """Waiting requests allowed for a model with ``slots`` slots."""
+        return 4 * slots if self.max_queue is None else self.max_queue
 
     @field_validator("log_level", mode="before")
     @classmethod
     def _lower(cls, value: object) -> object:
-        return value.lower() if isinstance(value, str) else value
+        if isinstance(value, str):
+            value = value.strip().lower()
+            return _NIM_LOG_LEVELS.get(value, value)
+        return value
+
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _jsonl_flag(cls, value: object) -> object:
+        # NIM_JSONL_LOGGING is a boolean; MICROSERVE_LOG_FORMAT names the format.
+        if isinstance(value, bool):
+            return "json" if value else "text"
+        if isinstance(value, str):
+            lowered = value.strip().lower()
+            return "json" if lowered in _TRUE else "text" if lowered in _FALSE else lowered
+        return value
+
+    @field_validator("model", "served_model_name", mode="before")
+    @classmethod
+    def _split(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value

@@ -79,7 +79,8 @@ def start_server(tmp: Path, *args: str, env: dict[str, str] | None = None, ready
 
 @pytest.fixture(scope="session")
 def smollm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """The default model with 8 slots, shared by the tests that do not need a server of their own."""
+    """The default service (chat model with 8 slots plus the embedding model), shared by the tests that do not
+    need a server of their own."""
     server = start_server(tmp_path_factory.mktemp("smollm"), "--parallel", "8")
     yield server
     server.stop()
@@ -88,7 +89,9 @@ def smollm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 @pytest.fixture(scope="session")
 def gemma(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """The second built-in model, a base model served for completions."""
-    server = start_server(tmp_path_factory.mktemp("gemma"), "--model", "gemma-3-270m", "--parallel", "4")
+    server = start_server(
+        tmp_path_factory.mktemp("gemma"), "--model", "gemma-3-270m", "--parallel", "4", "--embedding-model", "none"
+    )
     yield server
     server.stop()
 

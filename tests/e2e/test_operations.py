@@ -16,6 +16,7 @@ import pytest
 from conftest import Server, start_server
 
 MODEL = "smollm2-135m-instruct"
+EMBEDDER = "all-minilm-l6-v2"  # served beside the chat model by default
 KEY = "sk-file-key"
 HASHED_KEY = "sk-hashed-key"
 ENV_KEY = "sk-env-key"
@@ -59,9 +60,10 @@ def chat_body(**extra: object) -> dict[str, object]:
 
 
 def metric(server: Server, name: str, **labels: str) -> float:
-    """One sample of the metrics route, read the way Prometheus would."""
+    """One sample of the metrics route, read the way Prometheus would (summed over labels not named; an empty
+    value leaves that label out, as for metrics that have no model_name)."""
     text = httpx.get(f"{server.v1}/metrics", headers=AUTH, timeout=10).text
-    wanted = {"model_name": MODEL, **labels}
+    wanted = {k: v for k, v in {"model_name": MODEL, **labels}.items() if v}
     total = 0.0
     for line in text.splitlines():
         if not line.startswith(name + "{"):
@@ -89,6 +91,9 @@ def assert_openai_error(response: httpx.Response, status: int, param: str | None
 BODIES: dict[str, dict[str, object]] = {
     "/v1/chat/completions": chat_body(),
     "/v1/completions": {"model": MODEL, "prompt": "Hello", "max_tokens": 4},
+    "/v1/embeddings": {"model": EMBEDDER, "input": "Hello"},
+    "/v1/ranking": {"model": EMBEDDER, "query": {"text": "greeting"}, "passages": [{"text": "Hello"}]},
+    "/v1/rerank": {"model": EMBEDDER, "query": "greeting", "documents": ["Hello", "Goodbye"]},
 }
 
 
@@ -100,6 +105,7 @@ def operations(server: Server) -> list[tuple[str, str]]:
 def test_every_route_but_health_needs_a_key(guarded: Server) -> None:
     ops = operations(guarded)
     assert ("POST", "/v1/chat/completions") in ops and ("GET", "/v1/metrics") in ops
+    assert {("POST", "/v1/embeddings"), ("GET", "/v1/metadata"), ("GET", "/v1/version")} <= set(ops)
     with httpx.Client(base_url=guarded.url, timeout=60) as http:
         assert http.get("/openapi.json").status_code == 401
         for method, path in ops:
@@ -125,7 +131,8 @@ def test_the_openai_client_authenticates_with_its_api_key(guarded: Server) -> No
     import openai
 
     client = openai.OpenAI(base_url=guarded.v1, api_key=KEY, max_retries=0)
-    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert [m.id for m in client.models.list().data] == [MODEL, EMBEDDER]
+    assert len(client.embeddings.create(model=EMBEDDER, input="hello").data[0].embedding) == 384
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=guarded.v1, api_key="nope", max_retries=0).models.list()
 
@@ -287,6 +294,56 @@ def test_a_client_leaving_the_queue_gives_its_place_up(guarded: Server) -> None:
             await asyncio.gather(*holders)
 
     asyncio.run(main())
+
+
+def test_a_request_for_n_choices_holds_n_slots(guarded: Server) -> None:
+    # Two slots and a queue of four. A stream of n=2 choices takes both slots, so single requests arriving
+    # behind it all queue: the fifth finds the queue full. Counted one slot per request, the first single
+    # would have run beside it and none would be refused.
+    wide = chat_body(max_tokens=LIMITS["max_tokens"], ignore_eos=True, stream=True, n=2)
+
+    async def main() -> httpx.Response:
+        async with httpx.AsyncClient(base_url=guarded.v1, headers=AUTH, timeout=120) as http:
+            release = asyncio.Event()
+
+            async def hold() -> None:
+                async with http.stream("POST", "/chat/completions", json=wide) as response:
+                    assert response.status_code == 200
+                    async for _ in response.aiter_lines():
+                        if release.is_set():
+                            return
+
+            holder = asyncio.create_task(hold())
+            assert await settle(guarded, "num_requests_running", lambda v: v == 2, 30) == 2
+            queued = [asyncio.create_task(http.post("/chat/completions", json=chat_body())) for _ in range(4)]
+            assert await settle(guarded, "num_requests_waiting", lambda v: v >= 4, 30) == 4
+            refused = await http.post("/chat/completions", json=chat_body())
+            for task in queued:
+                task.cancel()
+            await asyncio.gather(*queued, return_exceptions=True)
+            release.set()
+            await holder
+            return refused
+
+    assert_openai_error(asyncio.run(main()), 429)
+
+
+def test_retrieval_routes_are_counted_and_report_encoder_passes(guarded: Server) -> None:
+    def count(path: str) -> float:
+        return metric(guarded, "http_requests_total", method="POST", path=path, status="200", model_name="")
+
+    before_passes = metric(guarded, "encoder_forward_passes_total", model_name=EMBEDDER)
+    before_inputs = metric(guarded, "encoder_inputs_total", model_name=EMBEDDER)
+    before = {path: count(path) for path in ("/v1/embeddings", "/v1/ranking")}
+    for path in before:
+        response = httpx.post(f"{guarded.url}{path}", json=BODIES[path], headers=AUTH, timeout=60)
+        assert response.status_code == 200, response.text
+    for path, value in before.items():
+        assert count(path) - value == 1, path
+    assert metric(guarded, "encoder_forward_passes_total", model_name=EMBEDDER) - before_passes >= 2
+    # One embedding input plus the query and one passage the embedding ranker encodes.
+    assert metric(guarded, "encoder_inputs_total", model_name=EMBEDDER) - before_inputs == 3
+    assert metric(guarded, "num_requests_running", model_name=EMBEDDER) == 0
 
 
 # -- metrics and logs --------------------------------------------------------------------------------------------

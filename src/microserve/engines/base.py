@@ -1,12 +1,13 @@
 """The engine protocol: the one seam between the services and any inference library.
 
 Services hand an engine token ids and sampling parameters and read back deltas; they never see llama.cpp, vLLM
-or torch. Engines that serve text implement :class:`TextEngine`.
+or torch. Engines that serve text implement :class:`TextEngine`; sentence encoders (embeddings, and cross-encoders
+that score query/passage pairs) implement :class:`EncoderEngine`.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
@@ -40,6 +41,24 @@ class GenerationRequest:
     params: SamplingParams
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
+    # A GBNF grammar every choice must follow (already checked with ``TextEngine.check_grammar``).
+    grammar: str | None = None
+    # Regexes that switch the grammar on where they first match in the output; empty: it holds from the start.
+    grammar_triggers: tuple[str, ...] = ()
+    # Report logprobs with this many alternatives per token (0: the sampled token's only); None: no logprobs.
+    logprobs: int | None = None
+    # Independent choices of the same prompt; the engine prefills the prompt once and shares it.
+    n: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """A generated token's text bytes and logprob, with the most likely alternatives (token bytes, logprob)."""
+
+    token_id: int
+    token: bytes
+    logprob: float
+    top: tuple[tuple[bytes, float], ...] = ()
 
 
 @dataclass(slots=True)
@@ -52,6 +71,10 @@ class GenerationDelta:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int = 0
+    # Which of the request's ``n`` choices this delta belongs to; usage fields count that choice only.
+    index: int = 0
+    # One entry per generated token in this delta when logprobs were requested (end-of-turn tokens excluded).
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,9 +130,79 @@ class TextEngine(Protocol):
         ...
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
-        """Stream deltas until the sequence finishes; closing the iterator cancels the sequence."""
+        """Stream deltas of every choice until all finish; closing the iterator cancels the sequences."""
+        ...
+
+    async def check_grammar(self, grammar: str, triggers: tuple[str, ...] = ()) -> None:
+        """Compile ``grammar`` (GBNF, lazy when ``triggers`` are given) off the event loop and cache it; raise
+        InvalidRequest if it is invalid."""
         ...
 
     def stats(self) -> EngineStats:
         """Current load."""
+        ...
+
+
+EncoderKind = Literal["embedding", "cross-encoder"]
+
+
+@dataclass(frozen=True, slots=True)
+class EncoderInput:
+    """One sequence for an encoder, special tokens included: ids, and segment ids (1 marks a pair's second text)."""
+
+    token_ids: list[int]
+    type_ids: list[int] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EncoderInfo:
+    """What the services need to know about a loaded encoder."""
+
+    id: str
+    kind: EncoderKind
+    context_length: int  # most tokens per sequence, special tokens included
+    vocab_size: int
+    dimensions: int  # embedding width; 1 for a cross-encoder's score
+    cls_id: int
+    sep_id: int
+    backend: str
+    path: str
+
+
+@dataclass(frozen=True, slots=True)
+class EncoderStats:
+    """Counters of the encoder's dynamic batching."""
+
+    forward_passes: int
+    inputs: int
+    waiting: int
+    max_batch: int
+
+
+@runtime_checkable
+class EncoderEngine(Protocol):
+    """An engine that maps token sequences to unit embeddings or to relevance logits, batching concurrent calls."""
+
+    @property
+    def info(self) -> EncoderInfo: ...
+
+    @property
+    def ready(self) -> bool: ...
+
+    async def start(self) -> None:
+        """Load the model and run a warm-up pass; ``ready`` is true afterwards."""
+
+    async def shutdown(self) -> None:
+        """Stop the batching thread and free the model."""
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of ``text`` without special tokens and without truncation."""
+        ...
+
+    async def encode(self, inputs: Sequence[EncoderInput]) -> list[list[float]]:
+        """One result row per input: a unit embedding, or ``[logit]`` for a cross-encoder."""
+        ...
+
+    def stats(self) -> EncoderStats:
+        """Batching counters."""
         ...

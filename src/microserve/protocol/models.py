@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel
 
@@ -15,6 +15,9 @@ class ModelCard(BaseModel):
     root: str | None = None
     max_model_len: int | None = None
     task: str | None = None
+    profile: str | None = None
+    # Encoders: how the model ranks ("bi-encoder" or "cross-encoder"), its dimensions and batching counters.
+    metadata: dict[str, Any] | None = None
 
 
 class ModelList(BaseModel):

@@ -3,6 +3,9 @@
 A request takes a slot if one is free, else waits in a FIFO queue of at most ``max_queue`` requests; beyond that
 it is turned away at once with 429 and ``Retry-After``, and a request that waited longer than ``timeout`` gets 503.
 Nothing waits without bound, and a client that leaves while queued gives its place up.
+
+A request that runs several engine sequences (``n`` > 1, or a list of prompts) takes that many slots, at most all
+of them; the queue stays first in, first out, so a wide request at its head is not overtaken by narrow ones.
 """
 
 from __future__ import annotations
@@ -46,21 +49,22 @@ class QueueTimeout(ServiceError):
 
 
 class Ticket:
-    """A held slot; releasing it twice is harmless."""
+    """Held slots; releasing them twice is harmless."""
 
-    __slots__ = ("_gate", "_released", "queued_seconds", "started")
+    __slots__ = ("_gate", "_released", "queued_seconds", "started", "weight")
 
-    def __init__(self, gate: Admission, queued_seconds: float) -> None:
+    def __init__(self, gate: Admission, queued_seconds: float, weight: int) -> None:
         self._gate = gate
         self._released = False
         self.queued_seconds = queued_seconds
         self.started = time.monotonic()
+        self.weight = weight
 
     def release(self) -> None:
-        """Give the slot to the next waiter, or free it."""
+        """Give the slots to the next waiters, or free them."""
         if not self._released:
             self._released = True
-            self._gate._release(time.monotonic() - self.started)
+            self._gate._release(self.weight, time.monotonic() - self.started)
 
 
 class Admission:
@@ -80,8 +84,8 @@ class Admission:
         self.slots = slots
         self.max_queue = max_queue
         self.timeout = timeout
-        self.running = 0
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        self.running = 0  # slots held (engine sequences), not requests
+        self._waiters: deque[tuple[asyncio.Future[None], int]] = deque()
         self._on_reject = on_reject
         self._on_admit = on_admit
         # A moving average of how long a request holds a slot, for Retry-After.
@@ -90,7 +94,7 @@ class Admission:
     @property
     def waiting(self) -> int:
         """Requests queued for a slot."""
-        return sum(1 for f in self._waiters if not f.done())
+        return sum(1 for f, _ in self._waiters if not f.done())
 
     def _retry_after(self) -> int:
         rounds = (self.waiting + 1) / max(self.slots, 1)
@@ -100,40 +104,47 @@ class Admission:
         if self._on_reject is not None:
             self._on_reject(reason)
 
-    def _admitted(self, queued: float) -> Ticket:
+    def _admitted(self, queued: float, weight: int) -> Ticket:
         if self._on_admit is not None:
             self._on_admit(queued)
-        return Ticket(self, queued)
+        return Ticket(self, queued, weight)
 
-    def check_capacity(self) -> None:
+    def _weight(self, sequences: int) -> int:
+        return max(1, min(sequences, self.slots))
+
+    def check_capacity(self, sequences: int = 1) -> None:
         """Raise QueueFull now if a new request could not even queue, before any work is spent on it."""
-        if self.running >= self.slots and self.waiting >= self.max_queue:
+        fits = self.running + self._weight(sequences) <= self.slots and not self.waiting
+        if not fits and self.waiting >= self.max_queue:
             self._reject("queue_full")
             raise QueueFull(
-                f"The server is at capacity for `{self.name}`: {self.slots} requests running and {self.max_queue} "
-                "waiting. Retry later.",
+                f"The server is at capacity for `{self.name}`: its {self.slots} slots are busy and {self.max_queue} "
+                "requests are waiting. Retry later.",
                 self._retry_after(),
             )
 
-    async def acquire(self) -> Ticket:
-        """A slot, after waiting in the queue if need be; raises QueueFull or QueueTimeout."""
-        if self.running < self.slots and not self.waiting:
-            self.running += 1
-            return self._admitted(0.0)
-        self.check_capacity()
+    async def acquire(self, sequences: int = 1) -> Ticket:
+        """Slots for ``sequences`` engine sequences (capped at all of them), after waiting in the queue if need be;
+        raises QueueFull or QueueTimeout."""
+        weight = self._weight(sequences)
+        if self.running + weight <= self.slots and not self.waiting:
+            self.running += weight
+            return self._admitted(0.0, weight)
+        self.check_capacity(sequences)
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(future)
+        self._waiters.append((future, weight))
         entered = time.monotonic()
         try:
             async with asyncio.timeout(self.timeout):
                 await future
         except BaseException as exc:
             if future.done() and not future.cancelled():
-                # The slot was handed over just as the wait ended: pass it on.
-                self._release(None)
+                # The slots were handed over just as the wait ended: pass them on.
+                self._release(weight, None)
             else:
                 future.cancel()
-            self._prune()
+                # A wide request leaving the head of the queue may let narrower ones behind it in.
+                self._dispatch()
             if isinstance(exc, TimeoutError):
                 self._reject("queue_timeout")
                 raise QueueTimeout(
@@ -141,21 +152,26 @@ class Admission:
                     self._retry_after(),
                 ) from None
             raise
-        return self._admitted(time.monotonic() - entered)
+        return self._admitted(time.monotonic() - entered, weight)
 
-    def _prune(self) -> None:
-        while self._waiters and self._waiters[0].done():
-            self._waiters.popleft()
-
-    def _release(self, held: float | None) -> None:
+    def _release(self, weight: int, held: float | None) -> None:
         if held is not None:
             self._hold_seconds = 0.8 * self._hold_seconds + 0.2 * held
+        self.running -= weight
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        # Freed slots pass straight to the waiters at the head of the queue, in order, while they fit.
         while self._waiters:
-            future = self._waiters.popleft()
-            if not future.done():
-                future.set_result(None)  # the slot passes straight to the next waiter
+            future, wanted = self._waiters[0]
+            if future.done():
+                self._waiters.popleft()
+                continue
+            if self.running + wanted > self.slots:
                 return
-        self.running -= 1
+            self._waiters.popleft()
+            self.running += wanted
+            future.set_result(None)
 
 
 def gate_for(request: Request, model_name: str) -> Admission:
@@ -164,19 +180,20 @@ def gate_for(request: Request, model_name: str) -> Admission:
     return gates[model_name]
 
 
-def shed_if_full(request: Request, model_name: str) -> None:
+def shed_if_full(request: Request, model_name: str, sequences: int = 1) -> None:
     """429 at once when the model's queue is full: checked before templating and tokenizing the request."""
     gate = request.app.state.admission.get(model_name)
     if gate is not None:
-        gate.check_capacity()
+        gate.check_capacity(sequences)
 
 
-async def admit(request: Request, model_name: str) -> Ticket:
-    """Wait for a slot of the model; a client that disconnects meanwhile leaves the queue.
+async def admit(request: Request, model_name: str, sequences: int = 1) -> Ticket:
+    """Wait for slots of the model for ``sequences`` engine sequences; a client that disconnects meanwhile leaves
+    the queue.
 
-    The slot is also released when the response ends, whatever happens to the route's own release.
+    The slots are also released when the response ends, whatever happens to the route's own release.
     """
-    ticket = await until_disconnect(request, gate_for(request, model_name).acquire())
+    ticket = await until_disconnect(request, gate_for(request, model_name).acquire(sequences))
     record = current_record()
     if record is not None:
         record.queue_time = ticket.queued_seconds

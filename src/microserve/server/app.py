@@ -14,8 +14,8 @@ from starlette.types import Scope
 
 from microserve import __version__
 from microserve.catalog.resolve import ResolvedModel
-from microserve.engines.base import EngineStats
-from microserve.engines.factory import build_text_engine
+from microserve.engines.base import EncoderStats, EngineStats
+from microserve.engines.factory import build_encoder_engine, build_text_engine
 from microserve.server.admission import Admission
 from microserve.server.auth import HEALTH_PATHS, METRICS_PATHS, ApiKeyMiddleware, load_key_digests
 from microserve.server.drain import DrainMiddleware, DrainState
@@ -23,15 +23,40 @@ from microserve.server.errors import install_error_handlers
 from microserve.server.limits import BodyLimitMiddleware
 from microserve.server.logging import RequestLogMiddleware, current_record
 from microserve.server.metrics import InstrumentedEngine, Metrics, metrics_endpoint, route_label
-from microserve.server.routes import health, openai
+from microserve.server.routes import health, metadata, openai, retrieval
 from microserve.server.tracing import Tracing
 from microserve.services.chat import ChatService
 from microserve.services.completions import CompletionService
+from microserve.services.embeddings import EmbeddingService
 from microserve.services.limits import RequestLimits
-from microserve.services.registry import ModelRegistry, ServedModel
+from microserve.services.ranking import RankingService
+from microserve.services.registry import AnyModel, EncoderModel, ModelRegistry, ServedModel
 from microserve.settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+def _served(model: ResolvedModel, settings: Settings, metrics: Metrics, tracing: Tracing) -> AnyModel:
+    if model.task in ("embedding", "ranking"):
+        return EncoderModel(
+            name=model.name,
+            engine=build_encoder_engine(model, settings),
+            task=model.task,
+            prefixes=model.prefixes,
+            aliases=model.aliases,
+            profile=model.profile.id,
+            engine_name=model.profile.engine,
+            source=model.profile.source.describe(),
+        )
+    return ServedModel(
+        name=model.name,
+        engine=InstrumentedEngine(build_text_engine(model, settings), model.name, metrics, tracing),
+        task=model.task,
+        template_family=model.template_family,
+        profile=model.profile.id,
+        engine_name=model.profile.engine,
+        source=model.profile.source.describe(),
+    )
 
 
 def create_app(settings: Settings, models: list[ResolvedModel], *, tracer_provider: Any | None = None) -> FastAPI:
@@ -41,28 +66,25 @@ def create_app(settings: Settings, models: list[ResolvedModel], *, tracer_provid
     """
     metrics = Metrics()
     tracing = Tracing(tracer_provider) if tracer_provider is not None else Tracing.from_endpoint(settings.otel_endpoint)
-    registry = ModelRegistry(
-        [
-            ServedModel(
-                name=m.name,
-                engine=InstrumentedEngine(build_text_engine(m, settings), m.name, metrics, tracing),
-                task=m.task,
-                template_family=m.template_family,
-            )
-            for m in models
-        ]
-    )
-    admission = {model.name: _gate(model.name, settings, metrics) for model in registry}
+    registry = ModelRegistry([_served(m, settings, metrics, tracing) for m in models])
+    admission = {model.name: _gate(model, settings, metrics) for model in registry}
 
     def load() -> list[tuple[str, EngineStats, int]]:
-        return [(m.name, m.engine.stats(), admission[m.name].waiting) for m in registry]
+        return [(m.name, m.engine.stats(), admission[m.name].waiting) for m in registry if isinstance(m, ServedModel)]
 
-    metrics.watch_load(load)
+    def encoders() -> list[tuple[str, EncoderStats, int, int]]:
+        return [
+            (m.name, m.engine.stats(), admission[m.name].running, admission[m.name].waiting)
+            for m in registry
+            if isinstance(m, EncoderModel)
+        ]
+
+    metrics.watch_load(load, encoders)
 
     async def load_all(app: FastAPI) -> None:
         try:
-            for model in registry:
-                await model.engine.start()
+            # Engines load side by side: each does its heavy work in its own thread.
+            await asyncio.gather(*(model.engine.start() for model in registry))
         except Exception as exc:
             log.exception("model failed to load")
             app.state.load_error = f"{type(exc).__name__}: {exc}"
@@ -97,6 +119,8 @@ def create_app(settings: Settings, models: list[ResolvedModel], *, tracer_provid
     app.state.load_error = None
     app.state.chat = ChatService(registry, limits)
     app.state.completions = CompletionService(registry, limits)
+    app.state.embeddings = EmbeddingService(registry)
+    app.state.ranking = RankingService(registry)
     app.state.admission = admission
     app.state.metrics = metrics
     app.state.tracing = tracing
@@ -118,7 +142,9 @@ def create_app(settings: Settings, models: list[ResolvedModel], *, tracer_provid
         quiet_paths=HEALTH_PATHS | METRICS_PATHS | {"/v1/health/live", "/v1/health/ready"},
     )
     app.include_router(openai.router)
+    app.include_router(retrieval.router)
     app.include_router(health.router)
+    app.include_router(metadata.router)
     for path in sorted(METRICS_PATHS):
         app.add_api_route(
             path,
@@ -132,7 +158,11 @@ def create_app(settings: Settings, models: list[ResolvedModel], *, tracer_provid
     return app
 
 
-def _gate(name: str, settings: Settings, metrics: Metrics) -> Admission:
+def _gate(model: AnyModel, settings: Settings, metrics: Metrics) -> Admission:
+    name = model.name
+    # A text model admits as many requests as it has sequence slots; an encoder as many as fill one forward pass.
+    slots = model.engine.stats().slots if isinstance(model, ServedModel) else settings.encoder_max_batch
+
     def rejected(reason: str) -> None:
         metrics.rejected.labels(name, reason).inc()
 
@@ -143,5 +173,5 @@ def _gate(name: str, settings: Settings, metrics: Metrics) -> Admission:
             record.queue_time = queued
 
     return Admission(
-        name, settings.parallel, settings.queue_limit, settings.queue_timeout, on_reject=rejected, on_admit=admitted
+        name, slots, settings.queue_limit(slots), settings.queue_timeout, on_reject=rejected, on_admit=admitted
     )

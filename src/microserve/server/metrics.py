@@ -11,7 +11,7 @@ from prometheus_client.registry import Collector
 from starlette.requests import Request
 from starlette.responses import Response
 
-from microserve.engines.base import EngineStats, GenerationDelta, GenerationRequest, ModelInfo, TextEngine
+from microserve.engines.base import EncoderStats, EngineStats, GenerationDelta, GenerationRequest, ModelInfo, TextEngine
 from microserve.server.logging import current_record
 from microserve.server.tracing import Tracing
 
@@ -19,11 +19,16 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.
 _TOKEN_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5)
 
 
+TextLoad = Callable[[], Iterable[tuple[str, EngineStats, int]]]
+EncoderLoad = Callable[[], Iterable[tuple[str, EncoderStats, int, int]]]
+
+
 class _LoadCollector(Collector):
     """Gauges read from the engines and admission queues at scrape time, so they are never stale."""
 
-    def __init__(self, sources: Callable[[], Iterable[tuple[str, EngineStats, int]]]) -> None:
+    def __init__(self, sources: TextLoad, encoders: EncoderLoad | None = None) -> None:
         self._sources = sources
+        self._encoders = encoders
 
     def collect(self) -> Iterable[Metric]:
         running = GaugeMetricFamily("num_requests_running", "Sequences decoding in the engine.", labels=["model_name"])
@@ -39,7 +44,29 @@ class _LoadCollector(Collector):
             waiting.add_metric([name], stats.waiting + queued)
             kv.add_metric([name], stats.kv_used / stats.kv_total if stats.kv_total else 0.0)
             prefix.add_metric([name], stats.prefix_hit_tokens)
-        yield from (running, waiting, kv, prefix)
+        encoders = self._collect_encoders(self._encoders, running, waiting) if self._encoders is not None else []
+        yield from (running, waiting, kv, prefix, *encoders)
+
+    @staticmethod
+    def _collect_encoders(
+        encoders: EncoderLoad, running: GaugeMetricFamily, waiting: GaugeMetricFamily
+    ) -> list[Metric]:
+        passes = CounterMetricFamily(
+            "encoder_forward_passes", "Forward passes of the sentence encoder.", labels=["model_name"]
+        )
+        inputs = CounterMetricFamily("encoder_inputs", "Inputs encoded (sentences or pairs).", labels=["model_name"])
+        batch = GaugeMetricFamily(
+            "encoder_mean_batch", "Inputs per forward pass since start (0 before the first).", labels=["model_name"]
+        )
+        for name, stats, admitted, queued in encoders():
+            # Encoder requests share the request gauges: admitted requests run (a batch forms among them), requests
+            # queued at the admission gate wait.
+            running.add_metric([name], admitted)
+            waiting.add_metric([name], queued)
+            passes.add_metric([name], stats.forward_passes)
+            inputs.add_metric([name], stats.inputs)
+            batch.add_metric([name], stats.inputs / stats.forward_passes if stats.forward_passes else 0.0)
+        return [passes, inputs, batch]
 
 
 class Metrics:
@@ -88,9 +115,10 @@ class Metrics:
             "http_requests", "HTTP responses by method, route and status.", ["method", "path", "status"], registry=r
         )
 
-    def watch_load(self, sources: Callable[[], Iterable[tuple[str, EngineStats, int]]]) -> None:
-        """Register the scrape-time gauges over ``sources``: (model, engine stats, queued requests) tuples."""
-        self.registry.register(_LoadCollector(sources))
+    def watch_load(self, sources: TextLoad, encoders: EncoderLoad | None = None) -> None:
+        """Register the scrape-time gauges over ``sources``: (model, engine stats, queued requests) tuples, and
+        over ``encoders``: (model, encoder stats, admitted requests, queued requests) tuples."""
+        self.registry.register(_LoadCollector(sources, encoders))
 
     def render(self) -> bytes:
         """The text exposition format."""
@@ -149,50 +177,66 @@ class InstrumentedEngine:
         # Engine-specific extras (detokenize, piece, ...) stay reachable through the wrapper.
         return getattr(self.inner, name)
 
+    async def check_grammar(self, grammar: str, triggers: tuple[str, ...] = ()) -> None:
+        """Compile and cache a grammar with the wrapped engine."""
+        await self.inner.check_grammar(grammar, triggers)
+
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
-        """The wrapped stream, measured; an abandoned stream counts as finished_reason ``abort``."""
+        """The wrapped stream, measured per choice; an abandoned choice counts as finished_reason ``abort``.
+
+        With ``n`` > 1 the choices share one prefill: prompt tokens count once, each choice is one finished
+        sequence, and time to first token is the first token of any choice.
+        """
         m = self._metrics
         name = self.model_name
         record = current_record()
         started = time.monotonic()
-        last_at = started
-        completion = 0
-        finish: str | None = None
+        first_token = False
+        completion: dict[int, int] = {}
+        last_at: dict[int, float] = {}
+        finish: dict[int, str] = {}
         span = self._tracing.start(
             "engine.generate", {"gen_ai.request.model": name, "gen_ai.usage.input_tokens": len(request.prompt_tokens)}
         )
         try:
             async for delta in self.inner.generate(request):
                 now = time.monotonic()
-                new = max(delta.completion_tokens - completion, 0)
-                if completion == 0 and new:
+                i = delta.index
+                done = completion.get(i, 0)
+                new = max(delta.completion_tokens - done, 0)
+                new_after_first = new
+                if not first_token and new:
+                    first_token = True
                     m.ttft.labels(name).observe(now - started)
                     if record is not None and record.ttft is None:
                         record.ttft = now - started
+                if done == 0 and new:
                     new_after_first = new - 1
-                else:
-                    new_after_first = new
                 # A coalesced delta carries several tokens: spread the gap over them.
                 for _ in range(new_after_first):
-                    m.itl.labels(name).observe((now - last_at) / max(new, 1))
-                completion = delta.completion_tokens
-                last_at = now
+                    m.itl.labels(name).observe((now - last_at.get(i, started)) / max(new, 1))
+                completion[i] = delta.completion_tokens
+                last_at[i] = now
                 if delta.finish_reason is not None:
-                    finish = delta.finish_reason
+                    finish[i] = delta.finish_reason
                 yield delta
         finally:
+            generated = sum(completion.values())
+            reasons = [finish.get(i, "abort") for i in range(max(request.n, 1))]
             m.prompt_tokens.labels(name).inc(len(request.prompt_tokens))
-            m.generation_tokens.labels(name).inc(completion)
-            m.success.labels(name, finish or "abort").inc()
+            m.generation_tokens.labels(name).inc(generated)
+            for reason in reasons:
+                m.success.labels(name, reason).inc()
             queued = record.queue_time if record is not None else 0.0
             m.e2e.labels(name).observe(time.monotonic() - started + queued)
+            summary = ",".join(dict.fromkeys(reasons))
             if record is not None:
                 record.model = name
                 record.prompt_tokens += len(request.prompt_tokens)
-                record.completion_tokens += completion
-                record.finish_reason = finish or "abort"
-            span.set_attribute("gen_ai.usage.output_tokens", completion)
-            span.set_attribute("gen_ai.response.finish_reason", finish or "abort")
+                record.completion_tokens += generated
+                record.finish_reason = summary
+            span.set_attribute("gen_ai.usage.output_tokens", generated)
+            span.set_attribute("gen_ai.response.finish_reason", summary)
             span.end()
 
 

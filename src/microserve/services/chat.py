@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
 
-from microserve.engines.base import GenerationDelta, GenerationRequest
+from microserve.engines.base import FinishReason, GenerationDelta, GenerationRequest, TokenLogprob
+from microserve.errors import InvalidRequest
 from microserve.protocol.chat import (
     AssistantMessage,
     ChatChoice,
@@ -16,23 +17,84 @@ from microserve.protocol.chat import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatDelta,
+    ChoiceLogprobs,
+    FunctionCall,
+    FunctionCallDelta,
+    TokenLogprobEntry,
+    ToolCall,
+    ToolCallDelta,
+    TopLogprob,
 )
+from microserve.protocol.common import FinishReason as WireFinish
 from microserve.protocol.common import PromptTokensDetails, Usage
 from microserve.services.limits import RequestLimits
-from microserve.services.params import resolve_max_tokens, sampling_params, stop_strings
+from microserve.services.params import (
+    grammar_for,
+    guides_of,
+    resolve_max_tokens,
+    sampling_params,
+    single_guide,
+    stop_strings,
+)
 from microserve.services.registry import ModelRegistry, ServedModel
+from microserve.services.structured import GrammarBuilder, Guide
+from microserve.services.tools import (
+    CallArguments,
+    CallStart,
+    ParseEvent,
+    TextOut,
+    ToolCallParser,
+    ToolPlan,
+    native_tools,
+    plan_tools,
+    template_messages,
+)
 
 
 def usage_of(delta: GenerationDelta | None, prompt_tokens: int) -> Usage:
     """OpenAI usage from the last delta of a sequence."""
-    completion = delta.completion_tokens if delta else 0
-    cached = delta.cached_tokens if delta else 0
+    return usage_of_choices([delta], prompt_tokens)
+
+
+def usage_of_choices(last: Sequence[GenerationDelta | None], prompt_tokens: int) -> Usage:
+    """Usage of ``n`` choices of one prompt: the prompt counts once, every choice's completion counts."""
+    completion = sum(d.completion_tokens for d in last if d)
+    cached = last[0].cached_tokens if last and last[0] else 0
     return Usage(
         prompt_tokens=prompt_tokens,
         completion_tokens=completion,
         total_tokens=prompt_tokens + completion,
         prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
     )
+
+
+def logprob_entries(items: list[TokenLogprob], top: int) -> list[TokenLogprobEntry]:
+    """Chat's logprobs content: token text, logprob, UTF-8 bytes and the ``top`` alternatives."""
+    return [
+        TokenLogprobEntry(
+            token=item.token.decode("utf-8", errors="replace"),
+            logprob=item.logprob,
+            bytes=list(item.token),
+            top_logprobs=[
+                TopLogprob(token=t.decode("utf-8", errors="replace"), logprob=lp, bytes=list(t))
+                for t, lp in item.top[:top]
+            ],
+        )
+        for item in items
+    ]
+
+
+def _response_format_guide(request: ChatCompletionRequest) -> Guide | None:
+    fmt = request.response_format
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return Guide("json", {"type": "object"}, "response_format")
+    if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+        raise InvalidRequest(
+            "response_format of type json_schema needs `json_schema.schema`", param="response_format.json_schema"
+        )
+    return Guide("json", fmt.json_schema.schema_, "response_format.json_schema.schema")
 
 
 @dataclass(slots=True)
@@ -44,6 +106,19 @@ class PreparedChat:
     model: ServedModel
     generation: GenerationRequest
     include_usage: bool
+    tools: ToolPlan = field(default_factory=lambda: ToolPlan("none"))
+    top_logprobs: int | None = None
+
+    @property
+    def n(self) -> int:
+        """How many choices the request asked for."""
+        return self.generation.n
+
+
+def _finish(reason: FinishReason | None, parser: ToolCallParser | None) -> WireFinish | None:
+    if reason == "stop" and parser is not None and parser.calls:
+        return "tool_calls"
+    return reason
 
 
 class ChatService:
@@ -52,18 +127,36 @@ class ChatService:
     def __init__(self, registry: ModelRegistry, limits: RequestLimits | None = None) -> None:
         self._registry = registry
         self._limits = limits or RequestLimits()
+        self._grammars = GrammarBuilder()
 
-    def prepare(self, request: ChatCompletionRequest) -> PreparedChat:
-        """Render, tokenize and validate; raises a ServiceError for anything the client must fix."""
+    async def prepare(self, request: ChatCompletionRequest) -> PreparedChat:
+        """Render, tokenize, build and check any grammar; raises a ServiceError for anything the client must fix."""
         requested = request.max_completion_tokens or request.max_tokens
         self._limits.check(request, messages=len(request.messages), requested_tokens=requested)
         model = self._registry.get(request.model)
         engine = model.engine
         template = model.template
-        messages = [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in request.messages
-        ]
-        prompt_text = template.render(messages)
+        if request.top_logprobs is not None and not request.logprobs:
+            raise InvalidRequest("`top_logprobs` requires `logprobs` to be true", param="top_logprobs")
+        plan = plan_tools(request.tools, request.tool_choice, request.parallel_tool_calls)
+        guides = guides_of(request)
+        if request.nvext is not None:
+            guides += guides_of(request.nvext, "nvext.")
+        format_guide = _response_format_guide(request)
+        if format_guide is not None:
+            guides.append(format_guide)
+        guide = single_guide(guides)
+        if guide is not None and plan.active:
+            raise InvalidRequest(
+                f"`{guide.param}` cannot be combined with tool calls; set tool_choice to none", param=guide.param
+            )
+        if guide is not None:
+            grammar = await grammar_for(self._grammars, engine, guide)
+        else:
+            grammar = await grammar_for(self._grammars, engine, plan.guide, plan.triggers)
+        native = template.supports_tools
+        messages = template_messages(request.messages, plan, native=native)
+        prompt_text = template.render(messages, tools=native_tools(plan) if native else None)
         info = engine.info
         add_bos = info.add_bos and not (info.bos_token and prompt_text.startswith(info.bos_token))
         prompt = engine.tokenize(prompt_text, add_special=add_bos)
@@ -78,6 +171,7 @@ class ChatService:
             if not stop_ids:
                 stops.append(template.end_of_turn)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        top = (request.top_logprobs or 0) if request.logprobs else None
         return PreparedChat(
             id=request_id,
             created=int(time.time()),
@@ -85,56 +179,160 @@ class ChatService:
             generation=GenerationRequest(
                 request_id=request_id,
                 prompt_tokens=prompt,
-                params=sampling_params(request, max_tokens),
+                params=sampling_params(request, max_tokens, info.vocab_size),
                 stop=tuple(stops),
                 stop_token_ids=stop_ids,
+                grammar=grammar,
+                grammar_triggers=plan.triggers if guide is None else (),
+                logprobs=top,
+                n=request.n,
             ),
             include_usage=bool(request.stream_options and request.stream_options.include_usage),
+            tools=plan,
+            top_logprobs=top,
         )
 
+    def _parser(self, prepared: PreparedChat) -> ToolCallParser | None:
+        plan = prepared.tools
+        return ToolCallParser(plan.names, parallel=plan.parallel) if plan.active else None
+
     async def complete(self, prepared: PreparedChat) -> ChatCompletion:
-        """Run to the end and return one ``chat.completion``."""
-        parts: list[str] = []
-        last: GenerationDelta | None = None
+        """Run every choice to the end and return one ``chat.completion``."""
+        n = prepared.n
+        parts: list[list[str]] = [[] for _ in range(n)]
+        logprobs: list[list[TokenLogprob]] = [[] for _ in range(n)]
+        last: list[GenerationDelta | None] = [None] * n
         async for delta in prepared.model.engine.generate(prepared.generation):
-            parts.append(delta.text)
-            last = delta
+            parts[delta.index].append(delta.text)
+            logprobs[delta.index].extend(delta.logprobs or ())
+            last[delta.index] = delta
+        choices = []
+        for i in range(n):
+            text = "".join(parts[i])
+            parser = self._parser(prepared)
+            message = AssistantMessage(content=text)
+            if parser is not None:
+                events = parser.feed(text) + parser.finish()
+                content = "".join(e.text for e in events if isinstance(e, TextOut))
+                calls = [
+                    ToolCall(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments))
+                    for c in parser.calls
+                    if c.complete
+                ]
+                message = AssistantMessage(
+                    content=content if content.strip() or not calls else None, tool_calls=calls or None
+                )
+            final = last[i]
+            reason = final.finish_reason if final is not None else "stop"
+            choices.append(
+                ChatChoice(
+                    index=i,
+                    message=message,
+                    logprobs=(
+                        ChoiceLogprobs(content=logprob_entries(logprobs[i], prepared.top_logprobs))
+                        if prepared.top_logprobs is not None
+                        else None
+                    ),
+                    finish_reason=_finish(reason, parser),
+                )
+            )
         return ChatCompletion(
             id=prepared.id,
             created=prepared.created,
             model=prepared.model.name,
-            choices=[
-                ChatChoice(
-                    index=0,
-                    message=AssistantMessage(content="".join(parts)),
-                    finish_reason=last.finish_reason if last else "stop",
-                )
-            ],
-            usage=usage_of(last, len(prepared.generation.prompt_tokens)),
+            choices=choices,
+            usage=usage_of_choices(last, len(prepared.generation.prompt_tokens)),
         )
 
     async def stream(self, prepared: PreparedChat) -> AsyncIterator[ChatCompletionChunk]:
-        """Chunks as OpenAI streams them: role first, content, finish_reason on the last, then usage if asked."""
+        """Chunks as OpenAI streams them: role first, then content or tool-call deltas, finish_reason last per
+        choice, then usage if asked. A tool call's id and name come first, its arguments in pieces after."""
 
-        def chunk(delta: ChatDelta, finish: str | None = None) -> ChatCompletionChunk:
+        def chunk(
+            index: int, delta: ChatDelta, finish: str | None = None, logprobs: ChoiceLogprobs | None = None
+        ) -> ChatCompletionChunk:
             return ChatCompletionChunk(
                 id=prepared.id,
                 created=prepared.created,
                 model=prepared.model.name,
-                choices=[ChatChunkChoice(index=0, delta=delta, finish_reason=finish)],  # type: ignore[arg-type]
+                choices=[ChatChunkChoice(index=index, delta=delta, finish_reason=finish, logprobs=logprobs)],  # type: ignore[arg-type]
             )
 
-        yield chunk(ChatDelta(role="assistant", content=""))
-        last: GenerationDelta | None = None
+        n = prepared.n
+        top = prepared.top_logprobs
+        parsers = [self._parser(prepared) for _ in range(n)]
+        pending: list[list[TokenLogprob]] = [[] for _ in range(n)]
+
+        def take_logprobs(index: int) -> ChoiceLogprobs | None:
+            if top is None:
+                return None
+            items, pending[index] = pending[index], []
+            return ChoiceLogprobs(content=logprob_entries(items, top))
+
+        for i in range(n):
+            yield chunk(i, ChatDelta(role="assistant", content=""))
+        last: list[GenerationDelta | None] = [None] * n
         async for delta in prepared.model.engine.generate(prepared.generation):
-            last = delta
-            if delta.text or delta.finish_reason:
-                yield chunk(ChatDelta(content=delta.text or None), delta.finish_reason)
+            i = delta.index
+            last[i] = delta
+            pending[i].extend(delta.logprobs or ())
+            parser = parsers[i]
+            if parser is None:
+                if delta.text or delta.finish_reason:
+                    yield chunk(i, ChatDelta(content=delta.text or None), delta.finish_reason, take_logprobs(i))
+                continue
+            events = parser.feed(delta.text)
+            if delta.finish_reason:
+                events += parser.finish()
+            for out in _tool_deltas(events):
+                yield chunk(i, out, None, take_logprobs(i))
+            if delta.finish_reason:
+                yield chunk(i, ChatDelta(), _finish(delta.finish_reason, parser), take_logprobs(i))
         if prepared.include_usage:
             yield ChatCompletionChunk(
                 id=prepared.id,
                 created=prepared.created,
                 model=prepared.model.name,
                 choices=[],
-                usage=usage_of(last, len(prepared.generation.prompt_tokens)),
+                usage=usage_of_choices(last, len(prepared.generation.prompt_tokens)),
             )
+
+
+def _tool_deltas(events: list[ParseEvent]) -> list[ChatDelta]:
+    """Parser events as chat deltas, merging neighbours of the same kind (text, or one call's arguments)."""
+    out: list[ChatDelta] = []
+    for event in events:
+        previous = out[-1] if out else None
+        if isinstance(event, TextOut):
+            if not event.text:
+                continue
+            if previous is not None and previous.content is not None and previous.tool_calls is None:
+                previous.content += event.text
+            else:
+                out.append(ChatDelta(content=event.text))
+        elif isinstance(event, CallStart):
+            out.append(
+                ChatDelta(
+                    tool_calls=[
+                        ToolCallDelta(
+                            index=event.index,
+                            id=event.id,
+                            type="function",
+                            function=FunctionCallDelta(name=event.name, arguments=""),
+                        )
+                    ]
+                )
+            )
+        elif isinstance(event, CallArguments):
+            if not event.text:
+                continue
+            calls = previous.tool_calls if previous is not None else None
+            if calls and calls[-1].index == event.index and calls[-1].id is None:
+                calls[-1].function.arguments = (calls[-1].function.arguments or "") + event.text
+            else:
+                out.append(
+                    ChatDelta(
+                        tool_calls=[ToolCallDelta(index=event.index, function=FunctionCallDelta(arguments=event.text))]
+                    )
+                )
+    return out

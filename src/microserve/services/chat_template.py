@@ -90,14 +90,27 @@ class ChatTemplate:
         chosen = FAMILIES.get(family or FALLBACK, FAMILIES[FALLBACK])
         return cls(chosen.source, bos_token=bos_token, eos_token=eos_token, end_of_turn=chosen.end_of_turn)
 
-    def render(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True) -> str:
+    @property
+    def supports_tools(self) -> bool:
+        """Whether the template renders a ``tools`` list itself (Hugging Face's tool-use convention)."""
+        return "tools" in self.source
+
+    def render(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> str:
         """The prompt text for ``messages``; a template that rejects them is the client's error (400)."""
+        extra: dict[str, Any] = {"tools": tools} if tools else {}
         try:
             return self._template.render(
                 messages=messages,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self._bos,
                 eos_token=self._eos,
+                **extra,
             )
         except TemplateError as exc:
             raise InvalidRequest(f"the chat template rejected the messages: {exc}", param="messages") from exc

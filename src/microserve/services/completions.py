@@ -1,26 +1,37 @@
-"""Legacy text completions: prompt(s) → tokens → engine → ``text_completion`` responses and chunks."""
+"""Legacy text completions: prompt(s) → tokens → engine → ``text_completion`` responses and chunks.
+
+Choice indices follow OpenAI: prompt ``p``'s ``j``-th choice has index ``p * n + j``.
+"""
 
 from __future__ import annotations
 
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from microserve.engines.base import GenerationDelta, GenerationRequest
+from microserve.engines.base import GenerationDelta, GenerationRequest, TokenLogprob
 from microserve.errors import InvalidRequest
 from microserve.protocol.common import Usage
-from microserve.protocol.completions import Completion, CompletionChoice, CompletionRequest
-from microserve.services.chat import usage_of
+from microserve.protocol.completions import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest
+from microserve.services.chat import usage_of_choices
 from microserve.services.fanout import interleave
 from microserve.services.limits import RequestLimits
-from microserve.services.params import resolve_max_tokens, sampling_params, stop_strings
+from microserve.services.params import (
+    grammar_for,
+    guides_of,
+    resolve_max_tokens,
+    sampling_params,
+    single_guide,
+    stop_strings,
+)
 from microserve.services.registry import ModelRegistry, ServedModel
+from microserve.services.structured import GrammarBuilder
 
 
 @dataclass(slots=True)
 class PreparedCompletion:
-    """A validated completions request: one engine sequence per prompt."""
+    """A validated completions request: one engine request (of ``n`` choices) per prompt."""
 
     id: str
     created: int
@@ -29,6 +40,8 @@ class PreparedCompletion:
     generations: list[GenerationRequest]
     echo: bool
     include_usage: bool
+    n: int = 1
+    logprobs: int | None = None
 
 
 def _total(usages: list[Usage]) -> Usage:
@@ -43,22 +56,70 @@ def _total(usages: list[Usage]) -> Usage:
     )
 
 
+@dataclass(slots=True)
+class _LegacyLogprobs:
+    """Accumulates the legacy logprobs lists of one choice; offsets count characters from the choice's start."""
+
+    offset: int
+    top: int
+    tokens: list[str] = field(default_factory=list)
+    token_logprobs: list[float | None] = field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = field(default_factory=list)
+    text_offset: list[int] = field(default_factory=list)
+
+    def add(self, items: list[TokenLogprob]) -> CompletionLogprobs:
+        """Append ``items``; return just their part, for a streamed chunk."""
+        part = CompletionLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
+        for item in items:
+            text = item.token.decode("utf-8", errors="replace")
+            alternatives: dict[str, float] = {}
+            for token, lp in item.top[: self.top]:
+                alternatives.setdefault(token.decode("utf-8", errors="replace"), lp)
+            for target in (self, part):
+                target.tokens.append(text)
+                target.token_logprobs.append(item.logprob)
+                target.top_logprobs.append(alternatives)
+                target.text_offset.append(self.offset)
+            self.offset += len(text)
+        return part
+
+    def shape(self) -> CompletionLogprobs:
+        """The whole choice's logprobs."""
+        return CompletionLogprobs(
+            tokens=self.tokens,
+            token_logprobs=self.token_logprobs,
+            top_logprobs=self.top_logprobs,
+            text_offset=self.text_offset,
+        )
+
+
 class CompletionService:
     """Serves ``/v1/completions``."""
 
     def __init__(self, registry: ModelRegistry, limits: RequestLimits | None = None) -> None:
         self._registry = registry
         self._limits = limits or RequestLimits()
+        self._grammars = GrammarBuilder()
 
-    def prepare(self, request: CompletionRequest) -> PreparedCompletion:
+    async def prepare(self, request: CompletionRequest) -> PreparedCompletion:
         """Tokenize and validate every prompt; raises a ServiceError for anything the client must fix."""
         self._limits.check(request, requested_tokens=request.max_tokens)
         model = self._registry.get(request.model)
         engine = model.engine
         info = engine.info
+        if request.suffix:
+            raise InvalidRequest("`suffix` (fill-in-the-middle) is not supported by this model", param="suffix")
+        if request.best_of is not None and request.best_of != request.n:
+            raise InvalidRequest("`best_of` other than `n` is not supported", param="best_of")
+        if request.echo and request.logprobs is not None:
+            raise InvalidRequest("`echo` with `logprobs` (prompt logprobs) is not supported", param="echo")
         prompts = [request.prompt] if isinstance(request.prompt, str) else list(request.prompt)
         if not prompts:
             raise InvalidRequest("`prompt` must not be an empty list", param="prompt")
+        guides = guides_of(request)
+        if request.nvext is not None:
+            guides += guides_of(request.nvext, "nvext.")
+        grammar = await grammar_for(self._grammars, engine, single_guide(guides))
         stops = stop_strings(request.stop, self._limits.max_stop_sequences)
         request_id = f"cmpl-{uuid.uuid4().hex}"
         generations = []
@@ -72,8 +133,11 @@ class CompletionService:
                 GenerationRequest(
                     request_id=f"{request_id}-{i}",
                     prompt_tokens=tokens,
-                    params=sampling_params(request, max_tokens),
+                    params=sampling_params(request, max_tokens, info.vocab_size),
                     stop=stops,
+                    grammar=grammar,
+                    logprobs=request.logprobs,
+                    n=request.n,
                 )
             )
         return PreparedCompletion(
@@ -84,52 +148,88 @@ class CompletionService:
             generations=generations,
             echo=request.echo,
             include_usage=bool(request.stream_options and request.stream_options.include_usage),
+            n=request.n,
+            logprobs=request.logprobs,
         )
 
     def _streams(self, prepared: PreparedCompletion) -> list[AsyncIterator[GenerationDelta]]:
         engine = prepared.model.engine
         return [engine.generate(g) for g in prepared.generations]
 
+    def _usage(self, prepared: PreparedCompletion, last: list[GenerationDelta | None]) -> Usage:
+        n = prepared.n
+        return _total(
+            [
+                usage_of_choices(last[p * n : (p + 1) * n], len(g.prompt_tokens))
+                for p, g in enumerate(prepared.generations)
+            ]
+        )
+
+    def _trackers(self, prepared: PreparedCompletion) -> list[_LegacyLogprobs | None]:
+        if prepared.logprobs is None:
+            return [None] * (len(prepared.prompts) * prepared.n)
+        return [_LegacyLogprobs(offset=0, top=prepared.logprobs) for _ in range(len(prepared.prompts) * prepared.n)]
+
     async def complete(self, prepared: PreparedCompletion) -> Completion:
-        """Run every prompt to the end; one choice per prompt."""
-        n = len(prepared.generations)
-        texts = [prepared.prompts[i] if prepared.echo else "" for i in range(n)]
-        last: list[GenerationDelta | None] = [None] * n
-        async for index, delta in interleave(self._streams(prepared)):
+        """Run every prompt to the end; ``n`` choices per prompt."""
+        n = prepared.n
+        total = len(prepared.generations) * n
+        texts = [prepared.prompts[i // n] if prepared.echo else "" for i in range(total)]
+        last: list[GenerationDelta | None] = [None] * total
+        trackers = self._trackers(prepared)
+        async for prompt_index, delta in interleave(self._streams(prepared)):
+            index = prompt_index * n + delta.index
             texts[index] += delta.text
             last[index] = delta
+            tracker = trackers[index]
+            if tracker is not None and delta.logprobs:
+                tracker.add(delta.logprobs)
         return Completion(
             id=prepared.id,
             created=prepared.created,
             model=prepared.model.name,
             choices=[
-                CompletionChoice(index=i, text=texts[i], finish_reason=d.finish_reason if d else "stop")
+                CompletionChoice(
+                    index=i,
+                    text=texts[i],
+                    logprobs=trackers[i].shape() if trackers[i] is not None else None,  # type: ignore[union-attr]
+                    finish_reason=d.finish_reason if d else "stop",
+                )
                 for i, d in enumerate(last)
             ],
-            usage=_total([usage_of(d, len(g.prompt_tokens)) for d, g in zip(last, prepared.generations, strict=True)]),
+            usage=self._usage(prepared, last),
         )
 
     async def stream(self, prepared: PreparedCompletion) -> AsyncIterator[Completion]:
-        """Chunks per prompt index; the echoed prompt comes first, usage last if asked."""
+        """Chunks per choice index; the echoed prompt comes first, usage last if asked."""
 
-        def chunk(index: int, text: str, finish: str | None) -> Completion:
+        def chunk(index: int, text: str, finish: str | None, logprobs: CompletionLogprobs | None = None) -> Completion:
             return Completion(
                 id=prepared.id,
                 created=prepared.created,
                 model=prepared.model.name,
-                choices=[CompletionChoice(index=index, text=text, finish_reason=finish)],  # type: ignore[arg-type]
+                choices=[CompletionChoice(index=index, text=text, finish_reason=finish, logprobs=logprobs)],  # type: ignore[arg-type]
             )
 
+        n = prepared.n
         if prepared.echo:
             for i, prompt in enumerate(prepared.prompts):
-                yield chunk(i, prompt, None)
-        last: list[GenerationDelta | None] = [None] * len(prepared.generations)
-        async for index, delta in interleave(self._streams(prepared)):
+                for j in range(n):
+                    yield chunk(i * n + j, prompt, None)
+        last: list[GenerationDelta | None] = [None] * (len(prepared.generations) * n)
+        trackers = self._trackers(prepared)
+        async for prompt_index, delta in interleave(self._streams(prepared)):
+            index = prompt_index * n + delta.index
             last[index] = delta
-            if delta.text or delta.finish_reason:
-                yield chunk(index, delta.text, delta.finish_reason)
+            tracker = trackers[index]
+            part = tracker.add(delta.logprobs or []) if tracker is not None else None
+            if delta.text or delta.finish_reason or (part is not None and part.tokens):
+                yield chunk(index, delta.text, delta.finish_reason, part)
         if prepared.include_usage:
-            usage = _total([usage_of(d, len(g.prompt_tokens)) for d, g in zip(last, prepared.generations, strict=True)])
             yield Completion(
-                id=prepared.id, created=prepared.created, model=prepared.model.name, choices=[], usage=usage
+                id=prepared.id,
+                created=prepared.created,
+                model=prepared.model.name,
+                choices=[],
+                usage=self._usage(prepared, last),
             )

@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
-from microserve.engines.base import SamplingParams
-from microserve.errors import InvalidRequest
-from microserve.protocol.common import SamplingFields
+import asyncio
+import json
+from typing import Any
 
-MAX_STOP_SEQUENCES = 4
+from microserve.engines.base import SamplingParams, TextEngine
+from microserve.errors import InvalidRequest
+from microserve.protocol.common import MAX_STOP_SEQUENCES, GuidedFields, SamplingFields
+from microserve.services.structured import GrammarBuilder, Guide
 
 
 def stop_strings(stop: str | list[str] | None, limit: int = MAX_STOP_SEQUENCES) -> tuple[str, ...]:
-    """The request's stop strings as a tuple; empty strings are dropped, more than ``limit`` is an error."""
+    """The request's stop strings as a tuple; empty strings are dropped, more than ``limit`` is an error.
+
+    OpenAI's own cap of four holds whatever the operator's limit: the stricter one wins.
+    """
     if stop is None:
         return ()
+    limit = min(limit, MAX_STOP_SEQUENCES)
     items = [stop] if isinstance(stop, str) else list(stop)
     if len(items) > limit:
         raise InvalidRequest(f"`stop` takes at most {limit} sequences, got {len(items)}", param="stop")
@@ -41,19 +48,88 @@ def resolve_max_tokens(requested: int | None, prompt_tokens: int, context_length
     return requested
 
 
-def sampling_params(fields: SamplingFields, max_tokens: int) -> SamplingParams:
-    """Engine sampling parameters from the request; unset fields take OpenAI's defaults."""
-    if fields.n != 1:
-        raise InvalidRequest("only n=1 is supported", param="n")
+def logit_biases(bias: dict[str, float] | None, vocab_size: int | None) -> dict[int, float]:
+    """Token id → additive bias; ids outside the vocabulary are a 400. A bias of -100 makes a token's
+    probability vanish (e^-100 relative), which bans it without ever leaving a grammar with no allowed token."""
+    out: dict[int, float] = {}
+    for key, value in (bias or {}).items():
+        token = int(key)
+        if token < 0 or (vocab_size is not None and token >= vocab_size):
+            raise InvalidRequest(
+                f"logit_bias names token {token}, outside the vocabulary of {vocab_size} tokens", param="logit_bias"
+            )
+        out[token] = float(value)
+    return out
+
+
+def sampling_params(fields: SamplingFields, max_tokens: int, vocab_size: int | None = None) -> SamplingParams:
+    """Engine sampling parameters from the request; unset fields take OpenAI's defaults, ``nvext`` extras apply."""
+    nv = fields.nvext
+    top_k = nv.top_k if nv is not None and nv.top_k is not None else fields.top_k
+    repetition = nv.repetition_penalty if nv is not None and nv.repetition_penalty is not None else None
+    ignore_eos = nv.ignore_eos if nv is not None and nv.ignore_eos is not None else fields.ignore_eos
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=1.0 if fields.temperature is None else fields.temperature,
         top_p=1.0 if fields.top_p is None else fields.top_p,
-        top_k=max(fields.top_k or 0, 0),
+        top_k=max(top_k or 0, 0),
         min_p=fields.min_p or 0.0,
         seed=fields.seed,
         presence_penalty=fields.presence_penalty or 0.0,
         frequency_penalty=fields.frequency_penalty or 0.0,
-        repetition_penalty=fields.repetition_penalty or 1.0,
-        ignore_eos=fields.ignore_eos,
+        repetition_penalty=repetition or fields.repetition_penalty or 1.0,
+        ignore_eos=ignore_eos,
+        logit_bias=logit_biases(fields.logit_bias, vocab_size),
     )
+
+
+def _schema_value(value: Any, param: str) -> Any:
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise InvalidRequest(f"`{param}` is not valid JSON: {exc}", param=param) from exc
+    if not isinstance(value, dict):
+        raise InvalidRequest(f"`{param}` must be a JSON schema object", param=param)
+    return value
+
+
+def guides_of(fields: GuidedFields, prefix: str = "") -> list[Guide]:
+    """The guided-decoding constraints set in ``fields`` (top level or ``nvext``)."""
+    guides = []
+    if fields.guided_json is not None:
+        param = f"{prefix}guided_json"
+        guides.append(Guide("json", _schema_value(fields.guided_json, param), param))
+    if fields.guided_regex is not None:
+        guides.append(Guide("regex", fields.guided_regex, f"{prefix}guided_regex"))
+    if fields.guided_choice is not None:
+        guides.append(Guide("choice", list(fields.guided_choice), f"{prefix}guided_choice"))
+    if fields.guided_grammar is not None:
+        guides.append(Guide("grammar", fields.guided_grammar, f"{prefix}guided_grammar"))
+    return guides
+
+
+def single_guide(guides: list[Guide]) -> Guide | None:
+    """The one constraint of a request; several at once is a 400."""
+    if len(guides) > 1:
+        names = ", ".join(f"`{g.param}`" for g in guides)
+        raise InvalidRequest(f"only one output constraint may be given, got {names}", param=guides[1].param)
+    return guides[0] if guides else None
+
+
+async def grammar_for(
+    builder: GrammarBuilder, engine: TextEngine, guide: Guide | None, triggers: tuple[str, ...] = ()
+) -> str | None:
+    """The checked GBNF grammar for ``guide``: built in a worker thread unless cached, then compiled by the
+    engine (also off the event loop). Any problem is a 400 naming the field that carried the constraint."""
+    if guide is None:
+        return None
+    grammar = builder.cached(guide)
+    try:
+        if grammar is None:
+            grammar = await asyncio.to_thread(builder.build, guide)
+        await engine.check_grammar(grammar, triggers)
+    except InvalidRequest as exc:
+        exc.param = guide.param
+        raise
+    return grammar

@@ -7,14 +7,22 @@ import ctypes
 import logging
 import os
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import llama_cpp as L
 
-from microserve.engines.base import EngineStats, FinishReason, GenerationDelta, GenerationRequest, ModelInfo
-from microserve.engines.llamacpp.sampling import build_sampler
-from microserve.engines.llamacpp.scheduler import Admitted, Failure, Scheduler, Sequence, Token
+from microserve.engines.base import (
+    EngineStats,
+    FinishReason,
+    GenerationDelta,
+    GenerationRequest,
+    ModelInfo,
+    TokenLogprob,
+)
+from microserve.engines.llamacpp.grammar import GrammarCache, install_log_capture
+from microserve.engines.llamacpp.sampling import SequenceSampler, build_sampler
+from microserve.engines.llamacpp.scheduler import Admitted, Event, Failure, Scheduler, Sequence, Token
 from microserve.engines.llamacpp.sequence import TextAssembler
 from microserve.errors import EngineFailure, InvalidRequest, NotReady
 
@@ -36,6 +44,8 @@ class LlamaCppConfig:
     context_length: int | None = None
     threads: int | None = None
     batch_size: int = 256
+    prefill_chunk: int | None = None
+    prefix_cache: bool = True
 
 
 def usable_cores() -> int:
@@ -58,6 +68,8 @@ class LlamaCppEngine:
         self._info: ModelInfo | None = None
         self._pieces: dict[int, bytes] = {}
         self._eog: frozenset[int] = frozenset()
+        self._grammars: GrammarCache | None = None
+        self._n_vocab = 0
         self._ready = False
 
     # -- lifecycle --------------------------------------------------------------------------------------------
@@ -88,6 +100,9 @@ class LlamaCppEngine:
         if self._scheduler is not None:
             await asyncio.to_thread(self._scheduler.stop)
             self._scheduler = None
+        if self._grammars is not None:
+            self._grammars.close()
+            self._grammars = None
         if self._ctx is not None:
             L.llama_free(self._ctx)
             self._ctx = None
@@ -98,6 +113,7 @@ class LlamaCppEngine:
     def _load(self) -> None:
         cfg = self.config
         L.llama_backend_init()
+        install_log_capture()
         mparams = L.llama_model_default_params()
         model = L.llama_model_load_from_file(cfg.path.encode(), mparams)
         if not model:
@@ -106,6 +122,8 @@ class LlamaCppEngine:
         vocab = L.llama_model_get_vocab(model)
         self._vocab = vocab
         n_vocab = L.llama_vocab_n_tokens(vocab)
+        self._n_vocab = n_vocab
+        self._grammars = GrammarCache(vocab)
         trained = L.llama_model_n_ctx_train(model)
         n_ctx_seq = cfg.context_length or min(trained, DEFAULT_CONTEXT)
         threads = cfg.threads or usable_cores()
@@ -144,7 +162,9 @@ class LlamaCppEngine:
             n_slots=cfg.parallel,
             n_ctx_seq=n_ctx_seq,
             batch_size=cfg.batch_size,
-            sampler_factory=partial(build_sampler, n_vocab=n_vocab, eog_ids=self._eog, penalty_window=n_ctx_seq),
+            prefill_chunk=cfg.prefill_chunk,
+            prefix_cache=cfg.prefix_cache,
+            sampler_factory=partial(self._sampler_for, penalty_window=n_ctx_seq),
             eog_ids=self._eog,
         )
         log.info(
@@ -157,10 +177,25 @@ class LlamaCppEngine:
             cfg.batch_size,
         )
 
+    def _sampler_for(self, seq: Sequence, *, penalty_window: int) -> SequenceSampler:
+        # Runs on the engine thread at admission; the grammar was parsed and cached when the request was checked.
+        assert self._grammars is not None
+        grammar = self._grammars.instance(seq.grammar, seq.grammar_triggers) if seq.grammar else None
+        return build_sampler(
+            seq.params,
+            n_vocab=self._n_vocab,
+            eog_ids=self._eog,
+            penalty_window=penalty_window,
+            grammar=grammar,
+            top_logprobs=seq.top_logprobs,
+        )
+
     def _warm_up(self, ctx: L.llama_context_p) -> None:
         # A real decode proves the model runs before readiness turns green, and pays one-time allocation costs.
         tokens = self.tokenize("Hello", add_special=True)
-        batch = L.llama_batch_get_one((L.llama_token * len(tokens))(*tokens), len(tokens))
+        # The batch only points at the ids: keep the array alive until the decode has read it.
+        ids = (L.llama_token * len(tokens))(*tokens)
+        batch = L.llama_batch_get_one(ids, len(tokens))
         rc = L.llama_decode(ctx, batch)
         L.llama_memory_seq_rm(L.llama_get_memory(ctx), -1, -1, -1)
         if rc != 0:
@@ -224,8 +259,25 @@ class LlamaCppEngine:
             return EngineStats(0, 0, self.config.parallel, 0, 0, 0, 0)
         return self._scheduler.stats()
 
+    async def check_grammar(self, grammar: str, triggers: tuple[str, ...] = ()) -> None:
+        """Parse ``grammar`` in a worker thread and cache it; a grammar llama.cpp rejects is a 400."""
+        if self._grammars is None:
+            raise NotReady("the model is still loading")
+        await asyncio.to_thread(self._grammars.check, grammar, triggers)
+
+    def _token_logprob(self, token: Token) -> TokenLogprob:
+        return TokenLogprob(
+            token_id=token.id,
+            token=self.piece(token.id),
+            logprob=token.logprob if token.logprob is not None else 0.0,
+            top=tuple((self.piece(t), lp) for t, lp in token.top),
+        )
+
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
-        """Stream a sequence's deltas; leaving the iterator early cancels the sequence at the next step."""
+        """Stream the deltas of all ``n`` choices; leaving the iterator early cancels the sequences at the next step.
+
+        Choice 0 prefills the prompt; the others wait for it and copy its KV cells (see the scheduler's fork).
+        """
         scheduler = self._scheduler
         if not self._ready or scheduler is None:
             raise NotReady("the model is still loading")
@@ -240,60 +292,121 @@ class LlamaCppEngine:
                 param="max_tokens",
                 code="context_length_exceeded",
             )
-        queue: asyncio.Queue[Token | Failure | Admitted] = asyncio.Queue()
-        seq = Sequence(
-            prompt=prompt,
-            params=request.params,
-            stop_ids=frozenset(request.stop_token_ids),
-            loop=asyncio.get_running_loop(),
-            out=queue,
-        )
-        text = TextAssembler(self.piece, request.stop)
-        completion = 0
-        cached = 0
-        done = False
-        engine_done = False  # the engine has released the sequence itself
-        scheduler.submit(seq)
+        n = max(1, request.n)
+        queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        seqs: list[Sequence] = []
+        for index in range(n):
+            seqs.append(
+                Sequence(
+                    prompt=prompt,
+                    params=request.params,
+                    stop_ids=frozenset(request.stop_token_ids),
+                    loop=loop,
+                    out=_Tagged(queue, index),
+                    grammar=request.grammar,
+                    grammar_triggers=request.grammar_triggers,
+                    top_logprobs=request.logprobs,
+                    fork_from=seqs[0] if index else None,
+                )
+            )
+        texts = [TextAssembler(self.piece, request.stop) for _ in range(n)]
+        completion = [0] * n
+        cached = [0] * n
+        done = [False] * n
+        engine_done = [False] * n  # the engine has released the sequence itself
+        # Logprobs of tokens whose text is held back as a possible stop string: listed once the text is emitted,
+        # dropped if it was a stop string, so that the listed tokens always spell the content.
+        held: list[list[TokenLogprob]] = [[] for _ in range(n)]
+        for seq in seqs:
+            scheduler.submit(seq)
         try:
-            while not done:
-                event = await queue.get()
-                parts: list[str] = []
-                ids: list[int] = []
-                finish: FinishReason | None = None
+            while not all(done):
+                index, event = await queue.get()
                 # Coalesce whatever else already arrived, so a slow reader gets fewer, larger deltas.
+                pending: dict[int, _Pending] = {}
                 while True:
                     if isinstance(event, Failure):
-                        engine_done = True
+                        engine_done[index] = True
                         raise EngineFailure(f"generation failed: {event.message}")
                     if isinstance(event, Admitted):
-                        cached = event.cached_tokens
-                    else:
-                        completion += 1
-                        ids.append(event.id)
-                        emitted, stopped = text.push(event.id)
-                        parts.append(emitted)
-                        engine_done = event.finish is not None
+                        cached[index] = event.cached_tokens
+                    elif not done[index]:
+                        part = pending.setdefault(index, _Pending())
+                        engine_done[index] = event.finish is not None
+                        emitted = ""
+                        stopped = False
+                        if event.id >= 0:
+                            completion[index] += 1
+                            part.ids.append(event.id)
+                            emitted, stopped = texts[index].push(event.id)
+                            if request.logprobs is not None and not (
+                                event.finish == "stop" and not self.piece(event.id)
+                            ):
+                                held[index].append(self._token_logprob(event))
+                                if stopped:
+                                    # Keep the tokens whose text, at least in part, precedes the stop string.
+                                    start = 0
+                                    for item in held[index]:
+                                        if start < len(emitted):
+                                            part.logprobs.append(item)
+                                        start += len(item.token.decode("utf-8", errors="replace"))
+                                    held[index].clear()
+                                elif not texts[index].holding or event.finish is not None:
+                                    part.logprobs.extend(held[index])
+                                    held[index].clear()
+                        part.parts.append(emitted)
                         if stopped:
-                            finish = "stop"
+                            part.finish = "stop"
                         elif event.finish is not None:
-                            finish = "stop" if event.finish == "stop" else "length"
-                            parts.append(text.finish())
-                        if finish is not None:
-                            break
+                            part.finish = "stop" if event.finish == "stop" else "length"
+                            part.parts.append(texts[index].finish())
+                        if part.finish is not None:
+                            done[index] = True
+                            if not engine_done[index]:
+                                scheduler.cancel(seqs[index])
+                                engine_done[index] = True
                     if queue.empty():
                         break
-                    event = queue.get_nowait()
-                done = finish is not None
-                if ids:
+                    index, event = queue.get_nowait()
+                for i, part in sorted(pending.items()):
+                    if not part.ids and part.finish is None:
+                        continue
                     yield GenerationDelta(
-                        text="".join(parts),
-                        token_ids=ids,
-                        finish_reason=finish,
+                        text="".join(part.parts),
+                        token_ids=part.ids,
+                        finish_reason=part.finish,
                         prompt_tokens=len(prompt),
-                        completion_tokens=completion,
-                        cached_tokens=cached,
+                        completion_tokens=completion[i],
+                        cached_tokens=cached[i],
+                        index=i,
+                        logprobs=part.logprobs if request.logprobs is not None else None,
                     )
         finally:
             # Covers a client that went away and a stop string that ended the text before the engine did.
-            if not engine_done:
-                scheduler.cancel(seq)
+            for seq, released in zip(seqs, engine_done, strict=True):
+                if not released:
+                    scheduler.cancel(seq)
+
+
+class _Tagged:
+    """The event sink of one of a request's choices: tags each event with the choice's index."""
+
+    __slots__ = ("_index", "_queue")
+
+    def __init__(self, queue: asyncio.Queue[tuple[int, Event]], index: int) -> None:
+        self._queue = queue
+        self._index = index
+
+    def put_nowait(self, item: Event, /) -> None:
+        self._queue.put_nowait((self._index, item))
+
+
+@dataclass(slots=True)
+class _Pending:
+    """What one choice produced in the events coalesced into one delta."""
+
+    parts: list[str] = field(default_factory=list)
+    ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish: FinishReason | None = None

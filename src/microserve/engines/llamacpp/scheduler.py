@@ -18,10 +18,12 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import llama_cpp as L
 
 from microserve.engines.base import EngineStats, SamplingParams
+from microserve.engines.llamacpp.sampling import SequenceSampler
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +32,10 @@ log = logging.getLogger(__name__)
 class Token:
     """One sampled token, posted to the request's queue."""
 
-    id: int
+    id: int  # -1: no token was allowed (a grammar with no way forward); the sequence ends without one
     finish: str | None
+    logprob: float | None = None
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(slots=True)
@@ -51,6 +55,12 @@ class Admitted:
 Event = Token | Failure | Admitted
 
 
+class EventSink(Protocol):
+    """Where a sequence's events go: its request's asyncio queue, or a tagging wrapper shared by siblings."""
+
+    def put_nowait(self, item: Event, /) -> None: ...
+
+
 @dataclass(eq=False, slots=True)
 class Sequence:
     """A request as the engine thread sees it."""
@@ -59,10 +69,15 @@ class Sequence:
     params: SamplingParams
     stop_ids: frozenset[int]
     loop: asyncio.AbstractEventLoop
-    out: asyncio.Queue[Event]
+    out: EventSink
+    grammar: str | None = None
+    grammar_triggers: tuple[str, ...] = ()
+    top_logprobs: int | None = None
+    # A sibling choice of the same prompt: this sequence waits for it to prefill, then copies its prompt's KV.
+    fork_from: Sequence | None = None
     cancelled: bool = False
     slot: Slot | None = None
-    sampler: L.llama_sampler_p | None = None
+    sampler: SequenceSampler | None = None
     prefilled: int = 0
     generated: int = 0
     next_token: int = -1
@@ -77,6 +92,46 @@ class Slot:
     tokens: list[int] = field(default_factory=list)
     last_used: int = 0
     seq: Sequence | None = None
+
+
+class PrefillBudget:
+    """How many prompt tokens a step may carry while other sequences decode, learnt from measured step times.
+
+    A step's time is about a decode-only step plus a cost per prompt token. Keeping a mixed step within
+    ``factor`` times a decode-only step bounds the inter-token latency a long new prompt adds to running streams,
+    whatever the hardware: on a slow CPU that is a few dozen tokens a step, on a GPU the whole batch.
+    """
+
+    ALPHA = 0.2  # weight of the newest measurement in the moving averages
+    FLOOR = 8  # a long prompt always makes progress
+
+    def __init__(self, batch_size: int, factor: float = 2.0, first_guess: int = 32) -> None:
+        self.batch_size = batch_size
+        self.factor = factor
+        self.first_guess = first_guess
+        self.decode_s: float | None = None  # a decode-only step
+        self.token_s: float | None = None  # one prompt token added to a step
+
+    def chunk(self) -> int:
+        """Prompt tokens allowed in the next step that also carries decode tokens."""
+        if self.decode_s is None or not self.token_s:
+            return min(self.first_guess, self.batch_size)
+        allowed = int((self.factor - 1.0) * self.decode_s / self.token_s)
+        return max(self.FLOOR, min(self.batch_size, allowed))
+
+    def observe(self, decode_tokens: int, prompt_tokens: int, seconds: float) -> None:
+        """Fold one step's time into the averages."""
+        if prompt_tokens == 0:
+            self.decode_s = self._mix(self.decode_s, seconds)
+        elif decode_tokens == 0:
+            # Prompt-only steps are the cheapest per token (widest matrices): a first estimate, soon corrected.
+            if self.token_s is None:
+                self.token_s = seconds / prompt_tokens
+        elif self.decode_s is not None:
+            self.token_s = self._mix(self.token_s, max(seconds - self.decode_s, 0.0) / prompt_tokens)
+
+    def _mix(self, old: float | None, new: float) -> float:
+        return new if old is None else (1 - self.ALPHA) * old + self.ALPHA * new
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -99,13 +154,18 @@ class Scheduler:
         n_slots: int,
         n_ctx_seq: int,
         batch_size: int,
-        sampler_factory: Callable[[SamplingParams], L.llama_sampler_p],
+        prefill_chunk: int | None = None,
+        prefix_cache: bool = True,
+        sampler_factory: Callable[[Sequence], SequenceSampler],
         eog_ids: frozenset[int],
     ) -> None:
         self._ctx = ctx
         self._mem = L.llama_get_memory(ctx)
         self._n_ctx_seq = n_ctx_seq
         self._batch_size = batch_size
+        self._prefill_chunk = min(prefill_chunk, batch_size) if prefill_chunk else None
+        self._budget = PrefillBudget(batch_size)
+        self._prefix_cache = prefix_cache
         self._batch = L.llama_batch_init(batch_size, 0, 1)
         self._make_sampler = sampler_factory
         self._eog = eog_ids
@@ -163,9 +223,14 @@ class Scheduler:
             if self._stopping:
                 break
             self._drop_cancelled()
-            self._admit()
-            if self._running:
-                self._step()
+            try:
+                self._admit()
+                self._fork_siblings()
+                if self._running:
+                    self._step()
+            except Exception as exc:  # a bug must fail the requests in hand, never leave them waiting forever
+                log.exception("engine step failed")
+                self._fail_running(f"engine error: {type(exc).__name__}: {exc}")
         for seq in [*self._running, *self._waiting]:
             self._post([(seq, Failure("the engine is shutting down"))])
             self._release(seq)
@@ -202,15 +267,58 @@ class Scheduler:
             slot.last_used = next(self._clock)
             seq.slot = slot
             seq.prefilled = reuse
-            seq.sampler = self._make_sampler(seq.params)
+            try:
+                seq.sampler = self._make_sampler(seq)
+            except Exception as exc:  # a grammar that no longer compiles: fail this request, not the engine
+                log.exception("could not build the sampler of a sequence")
+                self._release(seq)
+                self._post([(seq, Failure(f"could not build the sampler: {exc}"))])
+                continue
             self.prefix_hit_tokens += reuse
             self._running.append(seq)
             self._post([(seq, Admitted(reuse))])
 
+    def _fork_siblings(self) -> None:
+        """Give each waiting sibling choice the prompt KV of the sibling that prefilled it, minus the last token.
+
+        The last prompt token is decoded again in the sibling's own slot so that it gets its own logits; the rest
+        of the prompt is computed once for all ``n`` choices. Across KV streams llama.cpp copies the stream's
+        buffer at the next decode; within one stream it only tags the cells.
+        """
+        for seq in self._running:
+            parent = seq.fork_from
+            if parent is None:
+                continue
+            if parent.slot is not None and not parent.cancelled and parent.prefilled < len(parent.prompt):
+                continue  # still prefilling
+            seq.fork_from = None
+            share = len(seq.prompt) - 1
+            slot = seq.slot
+            if slot is None or seq.prefilled >= share:
+                continue
+            # The sibling's slot, or, if it already finished, whichever slot still holds the prompt.
+            prefix = seq.prompt[:share]
+            source = next((s for s in self._slots if s is not slot and s.tokens[:share] == prefix), None)
+            if source is None:
+                continue  # the sibling is gone and so is its prompt: prefill alone
+            L.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
+            L.llama_memory_seq_cp(self._mem, source.seq_id, slot.seq_id, -1, -1)
+            if not L.llama_memory_seq_rm(self._mem, slot.seq_id, share, -1):
+                L.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
+                slot.tokens.clear()
+                seq.prefilled = 0
+                continue
+            slot.tokens[:] = seq.prompt[:share]
+            self.prefix_hit_tokens += share - seq.prefilled
+            seq.prefilled = share
+            self._post([(seq, Admitted(share))])
+
     def _pick_slot(self, free: list[Slot], prompt: list[int]) -> tuple[Slot, int]:
+        # The free slot sharing the longest prefix with the prompt, else the least recently used one: its cached
+        # prefix is the one evicted.
         best, best_len = free[0], -1
         for slot in free:
-            n = common_prefix(slot.tokens, prompt)
+            n = common_prefix(slot.tokens, prompt) if self._prefix_cache else 0
             if n > best_len or (n == best_len and slot.last_used < best.last_used):
                 best, best_len = slot, n
         # At least one prompt token must be decoded to get logits for the first sampled token.
@@ -239,13 +347,17 @@ class Scheduler:
         for seq in self._running:
             if seq.prefilled == len(seq.prompt):
                 add(seq, seq.next_token, True)
-        # Then prompt chunks, oldest first, within what is left of the step's token budget.
+        # Then prompt chunks, oldest first, within what is left of the step's token budget. While streams are
+        # decoding, the prompt share of a step is capped: a long prompt then costs running streams a little
+        # latency on many steps instead of one long stall; with nothing decoding, prefill runs at full width.
+        decoding = n
+        limit = self._batch_size if n == 0 else min(self._batch_size, n + (self._prefill_chunk or self._budget.chunk()))
         for seq in self._running:
-            budget = self._batch_size - n
+            budget = limit - n
             if budget <= 0:
                 break
             remaining = len(seq.prompt) - seq.prefilled
-            if remaining <= 0:
+            if remaining <= 0 or seq.fork_from is not None:
                 continue
             take = min(budget, remaining)
             start = seq.prefilled
@@ -255,6 +367,7 @@ class Scheduler:
         if n == 0:
             return
         batch.n_tokens = n
+        started = time.perf_counter()
         rc = L.llama_decode(self._ctx, batch)
         self.steps += 1
         if rc != 0:
@@ -263,18 +376,25 @@ class Scheduler:
         events: list[tuple[Sequence, Event]] = []
         finished: list[Sequence] = []
         for seq, idx in sample_at:
-            token = L.llama_sampler_sample(seq.sampler, self._ctx, idx)
+            assert seq.sampler is not None
+            sampled = seq.sampler.sample(self._ctx, idx)
+            if sampled is None:
+                events.append((seq, Token(-1, "stop")))
+                finished.append(seq)
+                continue
+            token = sampled.token
             seq.generated += 1
             finish: str | None = None
             if token in seq.stop_ids or (token in self._eog and not seq.params.ignore_eos):
                 finish = "stop"
             elif seq.generated >= seq.params.max_tokens or len(seq.prompt) + seq.generated >= self._n_ctx_seq:
                 finish = "length"
-            events.append((seq, Token(token, finish)))
+            events.append((seq, Token(token, finish, sampled.logprob, sampled.top)))
             if finish:
                 finished.append(seq)
             else:
                 seq.next_token = token
+        self._budget.observe(decoding, n - decoding, time.perf_counter() - started)
         # Release before posting, so that a client that sees its last token also sees its slot free.
         for seq in finished:
             self._release(seq)
@@ -282,8 +402,12 @@ class Scheduler:
 
     def _fail_batch(self, sample_at: list[tuple[Sequence, int]], rc: int) -> None:
         log.error("llama_decode failed with status %d; failing the %d sequences in the batch", rc, len(sample_at))
+        self._fail_running(f"llama_decode failed with status {rc}")
+
+    def _fail_running(self, message: str) -> None:
+        # Their KV cells may be half-written: drop them along with the sequences.
         victims = list(self._running)
-        self._post([(seq, Failure(f"llama_decode failed with status {rc}")) for seq in victims])
+        self._post([(seq, Failure(message)) for seq in victims])
         for seq in victims:
             slot = seq.slot
             self._release(seq)
@@ -300,7 +424,7 @@ class Scheduler:
             seq.slot.last_used = next(self._clock)
             seq.slot = None
         if seq.sampler is not None:
-            L.llama_sampler_free(seq.sampler)
+            seq.sampler.free()
             seq.sampler = None
 
     @staticmethod

@@ -30,6 +30,11 @@ class StopMatcher:
         self._held = buffer[len(buffer) - keep :] if keep else ""
         return buffer[: len(buffer) - keep], False
 
+    @property
+    def holding(self) -> bool:
+        """Whether some text is held back as a possible start of a stop string."""
+        return bool(self._held)
+
     def flush(self) -> str:
         """The held-back text, at the end of a sequence that did not hit a stop string."""
         held, self._held = self._held, ""
@@ -53,6 +58,11 @@ class TextAssembler:
         self._piece = piece
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._stops = StopMatcher(stops)
+
+    @property
+    def holding(self) -> bool:
+        """Whether text is held back that may yet turn out to start a stop string."""
+        return self._stops.holding
 
     def push(self, token: int) -> tuple[str, bool]:
         """Text to emit after ``token``, and whether a stop string ended the sequence."""

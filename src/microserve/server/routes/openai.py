@@ -10,11 +10,12 @@ from microserve.protocol.common import ErrorResponse
 from microserve.protocol.completions import Completion, CompletionRequest
 from microserve.protocol.models import ModelCard, ModelList
 from microserve.server.admission import admit, releasing, shed_if_full
+from microserve.server.routes.retrieval import encoder_metadata
 from microserve.server.streaming import sse_response, until_disconnect
 from microserve.server.tracing import Tracing
 from microserve.services.chat import ChatService
 from microserve.services.completions import CompletionService
-from microserve.services.registry import ModelRegistry
+from microserve.services.registry import EncoderModel, ModelRegistry
 
 ERRORS: dict[int | str, dict] = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 500, 503)}
 
@@ -28,8 +29,17 @@ async def list_models(request: Request) -> ModelList:
     cards = []
     for model in registry:
         length = model.engine.info.context_length if model.engine.ready else None
+        metadata = encoder_metadata(model) if isinstance(model, EncoderModel) else None
         cards.append(
-            ModelCard(id=model.name, created=model.created, root=model.name, max_model_len=length, task=model.task)
+            ModelCard(
+                id=model.name,
+                created=model.created,
+                root=model.name,
+                max_model_len=length,
+                task=model.task,
+                profile=model.profile,
+                metadata=metadata,
+            )
         )
     return ModelList(data=cards)
 
@@ -39,9 +49,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Cha
     """Chat completion, streamed as SSE when ``stream`` is true."""
     service: ChatService = request.app.state.chat
     tracing: Tracing = request.app.state.tracing
-    shed_if_full(request, body.model)
-    prepared = service.prepare(body)
-    ticket = await admit(request, prepared.model.name)
+    # n choices are n engine sequences sharing one prefill: they hold n slots.
+    shed_if_full(request, body.model, body.n)
+    prepared = await service.prepare(body)
+    ticket = await admit(request, prepared.model.name, prepared.generation.n)
     if body.stream:
         return sse_response(releasing(tracing.stream(service.stream(prepared), "chat.completions"), ticket))
     try:
@@ -56,9 +67,10 @@ async def completions(body: CompletionRequest, request: Request) -> Completion |
     """Text completion of one prompt or a list of prompts, streamed as SSE when ``stream`` is true."""
     service: CompletionService = request.app.state.completions
     tracing: Tracing = request.app.state.tracing
-    shed_if_full(request, body.model)
-    prepared = service.prepare(body)
-    ticket = await admit(request, prepared.model.name)
+    # Each prompt runs n engine sequences: the request holds that many slots.
+    shed_if_full(request, body.model, body.n * (1 if isinstance(body.prompt, str) else max(len(body.prompt), 1)))
+    prepared = await service.prepare(body)
+    ticket = await admit(request, prepared.model.name, sum(g.n for g in prepared.generations))
     if body.stream:
         return sse_response(releasing(tracing.stream(service.stream(prepared), "completions"), ticket))
     try:

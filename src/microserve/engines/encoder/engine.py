@@ -1,0 +1,132 @@
+"""The sentence encoder engine: a model directory, its tokenizer, and a dynamically batched forward pass."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from microserve.engines.base import EncoderInfo, EncoderInput, EncoderKind, EncoderStats
+from microserve.engines.encoder.batching import DynamicBatcher
+from microserve.engines.encoder.model_dir import WordTokenizer, read_layout
+from microserve.errors import NotReady
+from microserve.hardware import usable_cores
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class EncoderConfig:
+    """How to load and batch one encoder model."""
+
+    path: str
+    model_id: str
+    kind: EncoderKind
+    cache_dir: Path
+    threads: int | None = None
+    max_batch: int = 32
+    max_wait_ms: float = 5.0
+
+
+class SentenceEncoder:
+    """Embeddings (bi-encoder) or pair scores (cross-encoder) for token sequences, batched across requests."""
+
+    def __init__(self, config: EncoderConfig) -> None:
+        self.config = config
+        self._info: EncoderInfo | None = None
+        self._tokenizer: WordTokenizer | None = None
+        self._batcher: DynamicBatcher[EncoderInput, list[float]] | None = None
+
+    @property
+    def info(self) -> EncoderInfo:
+        """The loaded model's facts; only valid once ``ready``."""
+        if self._info is None:
+            raise NotReady("the encoder is still loading")
+        return self._info
+
+    @property
+    def ready(self) -> bool:
+        """True once the model is loaded and warmed up."""
+        return self._batcher is not None
+
+    def _load(self) -> tuple[EncoderInfo, WordTokenizer, DynamicBatcher[EncoderInput, list[float]]]:
+        from microserve.engines.encoder.onnx_backend import OnnxForward
+        from microserve.engines.encoder.onnx_export import exported_model
+
+        path = Path(self.config.path)
+        layout = read_layout(path)
+        tokenizer = WordTokenizer(path)
+        onnx_path = exported_model(path, self.config.kind, self.config.cache_dir)
+        forward = OnnxForward(
+            onnx_path,
+            self.config.kind,
+            layout,
+            threads=self.config.threads or usable_cores(),
+            pad_id=tokenizer.pad_id,
+        )
+        warm = forward([EncoderInput([tokenizer.cls_id, *tokenizer.encode("warm up"), tokenizer.sep_id])])
+        info = EncoderInfo(
+            id=self.config.model_id,
+            kind=self.config.kind,
+            context_length=layout.max_tokens,
+            vocab_size=tokenizer.vocab_size,
+            dimensions=len(warm[0]),
+            cls_id=tokenizer.cls_id,
+            sep_id=tokenizer.sep_id,
+            backend=forward.name,
+            path=str(path),
+        )
+        batcher: DynamicBatcher[EncoderInput, list[float]] = DynamicBatcher(
+            forward,
+            max_batch=self.config.max_batch,
+            max_wait_s=self.config.max_wait_ms / 1000,
+            name=f"encoder-{self.config.model_id}",
+        )
+        return info, tokenizer, batcher
+
+    async def start(self) -> None:
+        """Load the weights in a thread (the event loop keeps serving) and start the batching thread."""
+        info, tokenizer, batcher = await asyncio.to_thread(self._load)
+        batcher.start()
+        self._info, self._tokenizer = info, tokenizer
+        self._batcher = batcher
+        log.info(
+            "encoder %s ready: %s, %d dims, %d tokens, backend %s",
+            info.id,
+            info.kind,
+            info.dimensions,
+            info.context_length,
+            info.backend,
+        )
+
+    async def shutdown(self) -> None:
+        """Stop the batching thread; waiting requests fail rather than hang."""
+        batcher, self._batcher = self._batcher, None
+        if batcher is not None:
+            await asyncio.to_thread(batcher.stop)
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of ``text`` without special tokens and without truncation."""
+        if self._tokenizer is None:
+            raise NotReady("the encoder is still loading")
+        return self._tokenizer.encode(text)
+
+    async def encode(self, inputs: Sequence[EncoderInput]) -> list[list[float]]:
+        """Rows for ``inputs``, sharing forward passes with concurrent requests."""
+        if self._batcher is None:
+            raise NotReady("the encoder is still loading")
+        return await self._batcher.submit(inputs)
+
+    def stats(self) -> EncoderStats:
+        """Forward passes and inputs so far; their ratio is the mean batch size."""
+        batcher = self._batcher
+        if batcher is None:
+            return EncoderStats(forward_passes=0, inputs=0, waiting=0, max_batch=self.config.max_batch)
+        return EncoderStats(
+            forward_passes=batcher.forward_passes,
+            inputs=batcher.inputs,
+            waiting=batcher.waiting,
+            max_batch=batcher.max_batch,
+        )

@@ -1,0 +1,41 @@
+"""Wire shapes of ``POST /v1/embeddings``: OpenAI's fields plus NIM's ``input_type`` and ``truncate``."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from microserve.protocol.common import WireModel
+
+EmbeddingInput = str | list[str] | list[int] | list[list[int]]
+Truncate = Literal["NONE", "START", "END"]
+
+
+class EmbeddingRequest(WireModel):
+    model: str
+    input: EmbeddingInput
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)
+    user: str | None = None
+    # NIM extensions: how the text is used (some models want a prefix per use) and what to do when it is too long.
+    input_type: Literal["query", "passage"] | None = None
+    truncate: Truncate = "NONE"
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage

@@ -1,0 +1,36 @@
+"""Wire shapes of NIM's ``GET /v1/metadata`` and ``GET /v1/version``."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ModelInfo(BaseModel):
+    """One served model, in NIM's ``modelInfo`` field names plus what microserve chose for it."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    short_name: str = Field(serialization_alias="shortName")
+    model_url: str | None = Field(None, serialization_alias="modelUrl")
+    task: str
+    profile: str | None
+    engine: str | None
+
+
+class Metadata(BaseModel):
+    """``GET /v1/metadata``."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    version: str
+    model_info: list[ModelInfo] = Field(serialization_alias="modelInfo")
+    engines: dict[str, str | None]
+    repository_override: str = ""
+
+
+class Version(BaseModel):
+    """``GET /v1/version``: the release and the engine libraries behind it."""
+
+    release: str
+    api: str = "v1"
+    engines: dict[str, str | None]

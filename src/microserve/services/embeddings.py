@@ -1,0 +1,143 @@
+"""Embeddings: inputs → token sequences (prefix, truncation) → encoder → OpenAI ``list`` of ``embedding``."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+from microserve.engines.base import EncoderInfo, EncoderInput
+from microserve.errors import InvalidRequest
+from microserve.protocol.embeddings import Embedding, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage
+from microserve.services.registry import EncoderModel, ModelRegistry
+
+MAX_INPUTS = 2048  # OpenAI's limit on inputs per request
+# Below this many characters tokenizing takes microseconds, less than a hop to a worker thread and back.
+INLINE_TOKENIZE_CHARS = 4096
+TruncateSide = Literal["NONE", "START", "END"]
+
+
+def fit(ids: list[int], info: EncoderInfo, truncate: TruncateSide, what: str, param: str) -> list[int]:
+    """``ids`` wrapped in the model's special tokens and cut to its limit as ``truncate`` says.
+
+    ``NONE`` refuses an over-long input with a 400 naming the limit, as NIM does; ``END``/``START`` drop tokens from
+    that side. Token lists that already carry the special tokens are kept as they are.
+    """
+    if len(ids) >= 2 and ids[0] == info.cls_id and ids[-1] == info.sep_id:
+        ids = ids[1:-1]
+    room = info.context_length - 2
+    if len(ids) > room:
+        if truncate == "NONE":
+            raise InvalidRequest(
+                f"{what} has {len(ids) + 2} tokens, more than the model's limit of {info.context_length} tokens; "
+                "shorten it or set `truncate` to END or START",
+                param=param,
+                code="context_length_exceeded",
+            )
+        ids = ids[:room] if truncate == "END" else ids[len(ids) - room :]
+    return [info.cls_id, *ids, info.sep_id]
+
+
+def shorten(vector: Sequence[float], dimensions: int | None) -> list[float]:
+    """The first ``dimensions`` components, renormalised to unit length (Matryoshka-style, as OpenAI's
+    ``dimensions`` does)."""
+    if dimensions is None or dimensions >= len(vector):
+        return list(vector)
+    head = list(vector[:dimensions])
+    norm = math.sqrt(sum(x * x for x in head))
+    return [x / norm for x in head] if norm > 0 else head
+
+
+def encode_base64(vector: list[float]) -> str:
+    """Little-endian float32 bytes in base64, as OpenAI returns for ``encoding_format="base64"``."""
+    import numpy as np
+
+    return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
+
+
+def _size(raw: object) -> int:
+    if isinstance(raw, str):
+        return len(raw)
+    if isinstance(raw, list):
+        return sum(len(x) if isinstance(x, str | list) else 1 for x in raw)
+    return 0
+
+
+class EmbeddingService:
+    """Serves ``/v1/embeddings`` for every embedding model in the registry."""
+
+    def __init__(self, registry: ModelRegistry) -> None:
+        self._registry = registry
+
+    def model(self, name: str) -> EncoderModel:
+        """The embedding model called ``name``; a cross-encoder or a text model is a 400."""
+        model = self._registry.get_encoder(name, route="/v1/embeddings")
+        if model.task != "embedding":
+            raise InvalidRequest(
+                f"`{model.name}` is a cross-encoder; it scores pairs on /v1/ranking and cannot embed",
+                param="model",
+                code="model_not_supported",
+            )
+        return model
+
+    def sequences(self, model: EncoderModel, request: EmbeddingRequest) -> list[EncoderInput]:
+        """Validated token sequences, one per input (tokenizing is CPU work: call this in a thread)."""
+        raw = request.input
+        items: list[str | list[int]]
+        if isinstance(raw, str):
+            items = [raw]
+        elif raw and all(isinstance(x, int) for x in raw):
+            items = [list(raw)]  # type: ignore[arg-type]
+        else:
+            items = list(raw)  # type: ignore[arg-type]
+        if not items:
+            raise InvalidRequest("`input` must not be empty", param="input")
+        if len(items) > MAX_INPUTS:
+            raise InvalidRequest(f"`input` has {len(items)} items; at most {MAX_INPUTS} are allowed", param="input")
+        engine = model.engine
+        info = engine.info
+        prefix = model.prefixes.get(request.input_type, "") if request.input_type else ""
+        out = []
+        for i, item in enumerate(items):
+            what = "the input" if len(items) == 1 else f"input {i}"
+            if isinstance(item, str):
+                if not item:
+                    raise InvalidRequest(f"{what} is an empty string", param="input")
+                ids = engine.tokenize(prefix + item)
+            else:
+                if not item:
+                    raise InvalidRequest(f"{what} is an empty token list", param="input")
+                bad = next((t for t in item if not 0 <= t < info.vocab_size), None)
+                if bad is not None:
+                    raise InvalidRequest(
+                        f"{what} holds token id {bad}, outside the vocabulary [0, {info.vocab_size})", param="input"
+                    )
+                ids = list(item)
+            out.append(EncoderInput(fit(ids, info, request.truncate, what, "input")))
+        return out
+
+    async def embed(self, request: EmbeddingRequest) -> EmbeddingResponse:
+        """Embed every input; vectors are unit length, cut to ``dimensions`` when asked."""
+        model = self.model(request.model)
+        info = model.engine.info
+        if request.dimensions is not None and request.dimensions > info.dimensions:
+            raise InvalidRequest(
+                f"`dimensions` is {request.dimensions}, but `{model.name}` has {info.dimensions}",
+                param="dimensions",
+            )
+        if _size(request.input) <= INLINE_TOKENIZE_CHARS:
+            sequences = self.sequences(model, request)
+        else:
+            sequences = await asyncio.to_thread(self.sequences, model, request)
+        rows = await model.engine.encode(sequences)
+        data = []
+        for i, row in enumerate(rows):
+            vector = shorten(row, request.dimensions)
+            value: list[float] | str = encode_base64(vector) if request.encoding_format == "base64" else vector
+            data.append(Embedding(index=i, embedding=value))
+        tokens = sum(len(s.token_ids) for s in sequences)
+        return EmbeddingResponse(
+            data=data, model=model.name, usage=EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens)
+        )

@@ -1,0 +1,36 @@
+"""The per-step prompt budget learnt from step times."""
+
+from __future__ import annotations
+
+from microserve.engines.llamacpp.scheduler import PrefillBudget
+
+
+def test_first_guess_before_any_measurement() -> None:
+    assert PrefillBudget(256).chunk() == 32
+    assert PrefillBudget(16).chunk() == 16
+
+
+def test_budget_keeps_a_mixed_step_within_twice_a_decode_step() -> None:
+    budget = PrefillBudget(512)
+    for _ in range(20):
+        budget.observe(decode_tokens=4, prompt_tokens=0, seconds=0.010)
+        budget.observe(decode_tokens=4, prompt_tokens=40, seconds=0.030)  # 0.5 ms a prompt token
+    assert 18 <= budget.chunk() <= 22  # 10 ms of headroom / 0.5 ms a token
+
+
+def test_fast_prompt_tokens_fill_the_batch_and_slow_ones_keep_a_floor() -> None:
+    fast = PrefillBudget(256)
+    fast.observe(decode_tokens=8, prompt_tokens=0, seconds=0.010)
+    fast.observe(decode_tokens=8, prompt_tokens=200, seconds=0.011)
+    assert fast.chunk() == 256
+    slow = PrefillBudget(256)
+    slow.observe(decode_tokens=8, prompt_tokens=0, seconds=0.010)
+    slow.observe(decode_tokens=8, prompt_tokens=10, seconds=1.0)
+    assert slow.chunk() == PrefillBudget.FLOOR
+
+
+def test_prompt_only_steps_give_a_first_estimate() -> None:
+    budget = PrefillBudget(256)
+    budget.observe(decode_tokens=0, prompt_tokens=100, seconds=0.1)  # 1 ms a token
+    budget.observe(decode_tokens=2, prompt_tokens=0, seconds=0.02)
+    assert budget.chunk() == 20
