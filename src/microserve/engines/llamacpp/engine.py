@@ -87,10 +87,10 @@ class LlamaCppEngine:
         return self._info
 
     async def start(self) -> None:
-        """Load the model and warm up off the event loop, then start the engine thread."""
+        """Load the model off the event loop, then start the engine thread, which warms up before serving."""
         await asyncio.to_thread(self._load)
-        assert self._scheduler is not None
-        self._scheduler.start()
+        assert self._scheduler is not None and self._ctx is not None
+        await asyncio.wrap_future(self._scheduler.start(partial(self._warm_up, self._ctx)))
         self._ready = True
         log.info("model %s ready", self.config.model_id)
 
@@ -156,7 +156,6 @@ class LlamaCppEngine:
             architecture=self._meta("general.architecture"),
             path=cfg.path,
         )
-        self._warm_up(ctx)
         self._scheduler = Scheduler(
             ctx,
             n_slots=cfg.parallel,

@@ -10,6 +10,7 @@ on the event loop.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import itertools
 import logging
 import queue
@@ -175,15 +176,25 @@ class Scheduler:
         self._running: list[Sequence] = []
         self._clock = itertools.count(1)
         self._thread = threading.Thread(target=self._run, name="microserve-engine", daemon=True)
+        self._warmed: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._warm_up: Callable[[], None] = lambda: None
         self._stopping = False
         self.steps = 0
         self.prefix_hit_tokens = 0
 
     # -- called from the event loop ---------------------------------------------------------------------------
 
-    def start(self) -> None:
-        """Start the engine thread."""
+    def start(self, warm_up: Callable[[], None]) -> concurrent.futures.Future[None]:
+        """Start the engine thread, which first runs ``warm_up``; the future resolves once that has succeeded.
+
+        Every decode, the warm-up included, runs on this one thread: llama.cpp's OpenMP build keeps a worker team
+        per calling thread, and a second team makes OpenMP count more threads than cores and switch its barriers
+        from spinning to sleeping, which doubled the time of each decode step on a small machine.
+        """
+        self._warmed = concurrent.futures.Future()
+        self._warm_up = warm_up
         self._thread.start()
+        return self._warmed
 
     def submit(self, seq: Sequence) -> None:
         """Queue a sequence; it is admitted in arrival order as slots free up."""
@@ -217,6 +228,12 @@ class Scheduler:
     # -- the engine thread ------------------------------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._warm_up()
+        except BaseException as exc:
+            self._warmed.set_exception(exc)
+            return
+        self._warmed.set_result(None)
         while not self._stopping:
             idle = not self._running and not self._waiting
             self._drain_inbox(block=idle)
