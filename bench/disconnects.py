@@ -13,13 +13,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import sys
 import time
 from pathlib import Path
 
 import httpx
 
-from loadgen import free_port, running_server
+from loadgen import free_port, microserve_cmd, running_server
 from serverprobe import metric
 
 MODEL = "smollm2-135m-instruct"
@@ -70,8 +69,7 @@ def main() -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     # The chat model alone, as in the figures of docs/benchmarks.md.
-    cmd = [sys.executable, "-m", "microserve", "serve", "--port", str(port), "--parallel", str(args.slots)]
-    cmd += ["--embedding-model", "none"]
+    cmd = microserve_cmd(port, "--parallel", str(args.slots))
     with running_server("microserve", cmd, url, f"{url}/v1/health/ready", log_path=args.out / "disconnects.log"):
         started = time.perf_counter()
         aborted = asyncio.run(run(url, args.streams, args.concurrency))

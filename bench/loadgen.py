@@ -20,6 +20,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -244,6 +245,12 @@ class ServerProcess:
             return ""
         lines = self.log_path.read_text(errors="replace").splitlines()
         return "\n".join(lines[-n_lines:])
+
+
+def microserve_cmd(port: int, *args: str) -> list[str]:
+    """``microserve serve`` on ``port`` with ``args``, serving its chat model alone (no embedding model), as the
+    peers it is compared with serve one model."""
+    return [sys.executable, "-m", "microserve", "serve", "--port", str(port), "--embedding-model", "none", *args]
 
 
 def free_port() -> int:

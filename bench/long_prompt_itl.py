@@ -17,14 +17,13 @@ import asyncio
 import itertools
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from loadgen import free_port, percentile, running_server
+from loadgen import free_port, microserve_cmd, percentile, running_server
 
 STREAMS = 4
 LIMIT = 3.0
@@ -114,9 +113,8 @@ def bench(model: str, cap: int, sentences: int, repeats: int, out: Path) -> dict
     """Median figures over ``repeats`` runs on one server started with ``--prefill-chunk cap`` (0: adaptive)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "microserve", "serve", "--model", model, "--embedding-model", "none",
-           "--port", str(port), "--parallel", "8",
-           "--batch-size", "256"] + (["--prefill-chunk", str(cap)] if cap else [])  # fmt: skip
+    cmd = microserve_cmd(port, "--model", model, "--parallel", "8", "--batch-size", "256")
+    cmd += ["--prefill-chunk", str(cap)] if cap else []
     with running_server(model, cmd, url, f"{url}/v1/health/ready", log_path=out / f"long-prompt-{cap}.log"):
         asyncio.run(measure(url, model, 10, -1, 1.0))  # warm-up
         runs = [asyncio.run(measure(url, model, sentences, r, 2.0)) for r in range(repeats)]

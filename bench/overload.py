@@ -13,14 +13,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import sys
 import time
 from collections import Counter
 from pathlib import Path
 
 import httpx
 
-from loadgen import free_port, percentile, running_server
+from loadgen import free_port, microserve_cmd, percentile, running_server
 
 MODEL = "smollm2-135m-instruct"
 
@@ -57,9 +56,7 @@ def main() -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     # The chat model alone, as in the figures of docs/benchmarks.md.
-    cmd = [sys.executable, "-m", "microserve", "serve", "--port", str(port), "--parallel", str(args.slots)]
-    cmd += ["--embedding-model", "none"]
-    cmd += ["--max-queue", str(args.queue)]
+    cmd = microserve_cmd(port, "--parallel", str(args.slots), "--max-queue", str(args.queue))
     log_path = args.out / "overload.log"
     with running_server("microserve", cmd, url, f"{url}/v1/health/ready", log_path=log_path):
         single = asyncio.run(burst(url, 1, args.max_tokens))[0]

@@ -13,14 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from loadgen import free_port, running_server
+from loadgen import free_port, microserve_cmd, running_server
 
 SYSTEM = "You are a helpful assistant who answers questions about lighthouses in detail."
 QUESTIONS = [
@@ -92,19 +91,7 @@ def bench(model: str, reuse: bool, turns: int, max_tokens: int, repeats: int, ou
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     flag = "--prefix-cache" if reuse else "--no-prefix-cache"
-    cmd = [
-        sys.executable,
-        "-m",
-        "microserve",
-        "serve",
-        "--model",
-        model,
-        "--embedding-model",
-        "none",
-        "--port",
-        str(port),
-    ]
-    cmd += ["--parallel", "4", flag]
+    cmd = microserve_cmd(port, "--model", model, "--parallel", "4", flag)
     runs = []
     with running_server(model, cmd, url, f"{url}/v1/health/ready", log_path=out / f"prefix-{flag[2:]}.log"):
         conversation(url, model, "Warm-up.", 1, 4)

@@ -13,10 +13,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import sys
 from pathlib import Path
 
-from loadgen import LoadResult, free_port, run_load, running_server
+from loadgen import LoadResult, free_port, microserve_cmd, run_load, running_server
 
 PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle on a stormy night."
 LEVELS = (1, 4, 8, 16)
@@ -26,19 +25,7 @@ BATCHING_FLOOR = 1.6  # gemma-3-270m at c=8 vs c=1
 def bench_model(model: str, threads: int | None, out: Path) -> list[LoadResult]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [
-        sys.executable,
-        "-m",
-        "microserve",
-        "serve",
-        "--model",
-        model,
-        "--embedding-model",
-        "none",
-        "--port",
-        str(port),
-    ]
-    cmd += ["--parallel", "16"]
+    cmd = microserve_cmd(port, "--model", model, "--parallel", "16")
     if threads:
         cmd += ["--threads", str(threads)]
     results = []

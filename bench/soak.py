@@ -13,11 +13,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import sys
 import time
 from pathlib import Path
 
-from loadgen import free_port, run_load, running_server
+from loadgen import free_port, microserve_cmd, run_load, running_server
 from serverprobe import metric, rss_mib
 
 MODEL = "smollm2-135m-instruct"
@@ -37,9 +36,7 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     # The queue holds every client that does not have a slot, so no request is turned away.
     # The chat model alone, as in the figures of docs/benchmarks.md.
-    cmd = [sys.executable, "-m", "microserve", "serve", "--port", str(port), "--parallel", str(args.slots)]
-    cmd += ["--embedding-model", "none"]
-    cmd += ["--max-queue", str(args.concurrency)]
+    cmd = microserve_cmd(port, "--parallel", str(args.slots), "--max-queue", str(args.concurrency))
     prompts = [f"Request {i}: describe the number {i} in one sentence." for i in range(97)]
     with running_server("microserve", cmd, url, f"{url}/v1/health/ready", log_path=args.out / "soak.log") as server:
         pid = server.proc.pid
