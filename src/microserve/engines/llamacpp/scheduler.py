@@ -191,7 +191,6 @@ class Scheduler:
         per calling thread, and a second team makes OpenMP count more threads than cores and switch its barriers
         from spinning to sleeping, which doubled the time of each decode step on a small machine.
         """
-        self._warmed = concurrent.futures.Future()
         self._warm_up = warm_up
         self._thread.start()
         return self._warmed
