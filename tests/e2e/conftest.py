@@ -63,18 +63,29 @@ def start_server(tmp: Path, *args: str, env: dict[str, str] | None = None, ready
         env=full_env,
     )
     server = Server(url=f"http://127.0.0.1:{port}", process=process, log=log)
-    deadline = time.monotonic() + ready_timeout
+    try:
+        wait_ready(server.url, ready_timeout, process, log)
+    except RuntimeError:
+        server.stop()
+        raise
+    return server
+
+
+def wait_ready(
+    url: str, timeout: float, process: subprocess.Popen[bytes] | None = None, log: Path | None = None
+) -> None:
+    """Poll ``/v1/health/ready`` until 200; raise with the log if the process exits or the time runs out."""
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}:\n{log.read_text()}")
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{log.read_text() if log else ''}")
         try:
-            if httpx.get(f"{server.url}/v1/health/ready", timeout=2).status_code == 200:
-                return server
+            if httpx.get(f"{url}/v1/health/ready", timeout=2).status_code == 200:
+                return
         except httpx.HTTPError:
             pass
         time.sleep(0.25)
-    server.stop()
-    raise RuntimeError(f"server not ready in {ready_timeout}s:\n{log.read_text()}")
+    raise RuntimeError(f"server not ready in {timeout}s:\n{log.read_text() if log else ''}")
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,6 @@ real uvicorn on loopback: no client input can make a healthy llama.cpp fail, but
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,7 +14,7 @@ import httpx
 import llama_cpp
 import pytest
 import uvicorn
-from conftest import free_port
+from conftest import free_port, wait_ready
 
 from microserve import hardware
 from microserve.catalog.resolve import resolve_model
@@ -51,14 +50,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Flak
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{settings.port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/v1/health/ready", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
+    wait_ready(url, 120)
     yield url, flaky
     server.should_exit = True
     thread.join(timeout=30)

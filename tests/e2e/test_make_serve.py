@@ -5,11 +5,10 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import httpx
-from conftest import free_port
+from conftest import free_port, wait_ready
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -24,15 +23,7 @@ def test_make_serve_answers_a_chat_request(tmp_path: Path) -> None:
         start_new_session=True,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            assert process.poll() is None, log.read_text()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/v1/health/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.25)
+        wait_ready(f"http://127.0.0.1:{port}", 180, process, log)
         response = httpx.post(
             f"http://127.0.0.1:{port}/v1/chat/completions",
             json={
