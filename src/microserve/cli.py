@@ -77,6 +77,9 @@ def serve(
     ] = None,
     encoder_max_batch: Annotated[int | None, typer.Option(help="Most inputs per encoder forward pass [32].")] = None,
     encoder_max_wait_ms: Annotated[float | None, typer.Option(help="Wait to fill an encoder batch, ms [5].")] = None,
+    encoder_workers: Annotated[
+        int | None, typer.Option(help="Encoder passes run side by side [2 when there are 2+ threads].")
+    ] = None,
     prefill_chunk: Annotated[
         int | None, typer.Option(help="Most prompt tokens per step while streams decode [adaptive].")
     ] = None,
@@ -121,6 +124,7 @@ def serve(
         rerank_model=rerank_model,
         encoder_max_batch=encoder_max_batch,
         encoder_max_wait_ms=encoder_max_wait_ms,
+        encoder_workers=encoder_workers,
         prefill_chunk=prefill_chunk,
         prefix_cache=prefix_cache,
         log_level=log_level,
@@ -174,6 +178,8 @@ def serve(
         log_level=settings.log_level,
         log_config=None,  # keep the handlers configure_logging set (text or JSON lines)
         access_log=False,
+        # Nothing reads the client address, so rewriting it from X-Forwarded-For is work for nothing.
+        proxy_headers=False,
         # The drain has already waited for in-flight requests; this only bounds closing idle connections.
         timeout_graceful_shutdown=5,
         ssl_certfile=str(settings.ssl_certfile) if settings.ssl_certfile else None,

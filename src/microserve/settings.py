@@ -82,6 +82,13 @@ class Settings(BaseSettings):
         None, description="A sentence-transformers CrossEncoder directory served for /v1/ranking and /v1/rerank."
     )
     encoder_max_batch: int = Field(32, ge=1, le=1024, description="Most inputs in one encoder forward pass.")
+    encoder_workers: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description="Encoder forward passes that run side by side, each on its own share of the threads "
+        "(default: 2 when there are at least 2 threads).",
+    )
     encoder_max_wait_ms: float = Field(
         5.0, ge=0.0, le=1000.0, description="How long a forward pass waits for more inputs to fill its batch."
     )

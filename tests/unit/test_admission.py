@@ -127,3 +127,12 @@ def test_a_wide_waiter_leaving_the_head_lets_the_next_in() -> None:
         assert gate.running == 0 and gate.waiting == 0
 
     run(main())
+
+
+def test_a_free_slot_is_taken_without_waiting_and_none_when_busy() -> None:
+    gate = Admission("m", slots=1, max_queue=4, timeout=1.0)
+    ticket = gate.try_acquire()
+    assert ticket is not None and gate.running == 1
+    assert gate.try_acquire() is None and gate.running == 1
+    ticket.release()
+    assert gate.running == 0

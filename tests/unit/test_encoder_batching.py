@@ -9,6 +9,7 @@ import time
 import pytest
 
 from microserve.engines.encoder.batching import DynamicBatcher
+from microserve.engines.encoder.engine import split_threads
 
 
 class Recorder:
@@ -35,7 +36,7 @@ async def _run_concurrent(batcher: DynamicBatcher[int, int], n: int) -> list[lis
 
 def test_concurrent_single_inputs_share_forward_passes() -> None:
     forward = Recorder(delay=0.01)
-    batcher: DynamicBatcher[int, int] = DynamicBatcher(forward, max_batch=8, max_wait_s=0.05, name="t")
+    batcher: DynamicBatcher[int, int] = DynamicBatcher([forward], max_batch=8, max_wait_s=0.05, name="t")
     batcher.start()
     try:
         results = asyncio.run(_run_concurrent(batcher, 32))
@@ -50,7 +51,7 @@ def test_concurrent_single_inputs_share_forward_passes() -> None:
 
 def test_large_request_is_split_and_kept_in_order() -> None:
     forward = Recorder()
-    batcher: DynamicBatcher[int, int] = DynamicBatcher(forward, max_batch=4, max_wait_s=0.001, name="t")
+    batcher: DynamicBatcher[int, int] = DynamicBatcher([forward], max_batch=4, max_wait_s=0.001, name="t")
     batcher.start()
     try:
         rows = asyncio.run(batcher.submit(list(range(10))))
@@ -63,7 +64,7 @@ def test_large_request_is_split_and_kept_in_order() -> None:
 
 def test_a_failing_pass_fails_its_requests_and_the_batcher_goes_on() -> None:
     forward = Recorder(fail_on=13)
-    batcher: DynamicBatcher[int, int] = DynamicBatcher(forward, max_batch=4, max_wait_s=0.001, name="t")
+    batcher: DynamicBatcher[int, int] = DynamicBatcher([forward], max_batch=4, max_wait_s=0.001, name="t")
     batcher.start()
 
     async def scenario() -> list[int]:
@@ -86,7 +87,7 @@ def test_stop_fails_whoever_waits() -> None:
         release.wait(5)
         return batch
 
-    batcher: DynamicBatcher[int, int] = DynamicBatcher(slow, max_batch=1, max_wait_s=0.0, name="t")
+    batcher: DynamicBatcher[int, int] = DynamicBatcher([slow], max_batch=1, max_wait_s=0.0, name="t")
     batcher.start()
 
     async def scenario() -> None:
@@ -104,3 +105,98 @@ def test_stop_fails_whoever_waits() -> None:
             await batcher.submit([3])
 
     asyncio.run(asyncio.wait_for(scenario(), 10))
+
+
+def test_two_workers_run_passes_side_by_side_and_keep_order() -> None:
+    first, second = Recorder(delay=0.01), Recorder(delay=0.01)
+    batcher: DynamicBatcher[int, int] = DynamicBatcher([first, second], max_batch=4, max_wait_s=0.001, name="t")
+    batcher.start()
+
+    async def scenario() -> tuple[list[int], list[list[int]]]:
+        big = batcher.submit(list(range(40)))
+        singles = asyncio.gather(*(batcher.submit([100 + i]) for i in range(16)))
+        return await big, list(await singles)
+
+    try:
+        big, singles = asyncio.run(scenario())
+    finally:
+        batcher.stop()
+    assert big == [2 * i for i in range(40)]
+    assert singles == [[2 * (100 + i)] for i in range(16)]
+    assert first.batches and second.batches  # both workers took passes
+    assert first.threads == {"t-0"} and second.threads == {"t-1"}
+    assert batcher.inputs == 56 == sum(len(b) for b in first.batches + second.batches)
+
+
+def test_under_load_a_pass_leaves_work_for_the_next_one() -> None:
+    # 32 requests in flight and one worker: a pass takes about half of them, so that the other half is already
+    # queued when it ends instead of the worker waiting for clients to come back.
+    forward = Recorder(delay=0.02)
+    batcher: DynamicBatcher[int, int] = DynamicBatcher([forward], max_batch=32, max_wait_s=0.005, name="t")
+    batcher.start()
+
+    async def closed_loop(client: int) -> None:
+        for round_ in range(4):
+            assert await batcher.submit([client * 10 + round_]) == [2 * (client * 10 + round_)]
+
+    async def scenario() -> None:
+        await asyncio.gather(*(closed_loop(c) for c in range(32)))
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        batcher.stop()
+    assert batcher.inputs == 128
+    assert max(len(b) for b in forward.batches) <= 16
+    assert batcher.forward_passes < 128 / 4  # still batched: most passes carry many requests
+
+
+def test_a_lone_request_is_not_split() -> None:
+    forward = Recorder()
+    batcher: DynamicBatcher[int, int] = DynamicBatcher([forward], max_batch=32, max_wait_s=0.001, name="t")
+    batcher.start()
+    try:
+        assert asyncio.run(batcher.submit(list(range(32)))) == [2 * i for i in range(32)]
+    finally:
+        batcher.stop()
+    assert [len(b) for b in forward.batches] == [32]
+
+
+def test_a_cancelled_request_drops_its_queued_inputs() -> None:
+    started = threading.Event()
+    release = threading.Event()
+    seen: list[list[int]] = []
+
+    def gated(batch: list[int]) -> list[int]:
+        seen.append(list(batch))
+        started.set()
+        release.wait(5)
+        return batch
+
+    batcher: DynamicBatcher[int, int] = DynamicBatcher([gated], max_batch=1, max_wait_s=0.0, name="t")
+    batcher.start()
+
+    async def scenario() -> None:
+        first = asyncio.ensure_future(batcher.submit([1]))
+        await asyncio.to_thread(started.wait, 5)
+        leaving = asyncio.ensure_future(batcher.submit([2, 3, 4]))
+        await asyncio.sleep(0.01)
+        leaving.cancel()
+        await asyncio.sleep(0.01)
+        release.set()
+        assert await first == [1]
+        assert await batcher.submit([5]) == [5]
+
+    try:
+        asyncio.run(asyncio.wait_for(scenario(), 10))
+    finally:
+        batcher.stop()
+    assert seen == [[1], [5]]
+
+
+@pytest.mark.parametrize(
+    ("threads", "workers", "expected"),
+    [(1, None, (1, 1)), (2, None, (2, 1)), (16, None, (2, 8)), (16, 4, (4, 4)), (2, 8, (2, 1)), (8, 1, (1, 8))],
+)
+def test_threads_are_shared_out_among_workers(threads: int, workers: int | None, expected: tuple[int, int]) -> None:
+    assert split_threads(threads, workers) == expected

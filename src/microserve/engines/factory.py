@@ -55,5 +55,6 @@ def build_encoder_engine(model: ResolvedModel, settings: Settings) -> EncoderEng
             threads=settings.threads or model.profile.defaults.threads or usable_cores(),
             max_batch=settings.encoder_max_batch,
             max_wait_ms=settings.encoder_max_wait_ms,
+            workers=settings.encoder_workers,
         )
     )

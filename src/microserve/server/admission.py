@@ -123,13 +123,21 @@ class Admission:
                 self._retry_after(),
             )
 
-    async def acquire(self, sequences: int = 1) -> Ticket:
-        """Slots for ``sequences`` engine sequences (capped at all of them), after waiting in the queue if need be;
-        raises QueueFull or QueueTimeout."""
+    def try_acquire(self, sequences: int = 1) -> Ticket | None:
+        """Slots for ``sequences`` engine sequences at once if they are free and nobody waits, else None."""
         weight = self._weight(sequences)
         if self.running + weight <= self.slots and not self.waiting:
             self.running += weight
             return self._admitted(0.0, weight)
+        return None
+
+    async def acquire(self, sequences: int = 1) -> Ticket:
+        """Slots for ``sequences`` engine sequences (capped at all of them), after waiting in the queue if need be;
+        raises QueueFull or QueueTimeout."""
+        ticket = self.try_acquire(sequences)
+        if ticket is not None:
+            return ticket
+        weight = self._weight(sequences)
         self.check_capacity(sequences)
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append((future, weight))
@@ -193,7 +201,9 @@ async def admit(request: Request, model_name: str, sequences: int = 1) -> Ticket
 
     The slots are also released when the response ends, whatever happens to the route's own release.
     """
-    ticket = await until_disconnect(request, gate_for(request, model_name).acquire(sequences))
+    gate = gate_for(request, model_name)
+    # Most requests find a free slot; only one that has to queue needs watching for its client leaving.
+    ticket = gate.try_acquire(sequences) or await until_disconnect(request, gate.acquire(sequences))
     record = current_record()
     if record is not None:
         record.queue_time = ticket.queued_seconds

@@ -46,8 +46,14 @@ def sse_response(chunks: AsyncIterator[BaseModel]) -> StreamingResponse:
 
 
 async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
-    """Await ``work``, cancelling it if the client disconnects first (frees the engine sequence or queue place)."""
-    task = asyncio.ensure_future(work)
+    """Await ``work``, cancelling it if the client disconnects first (frees the engine sequence or queue place).
+
+    ``work`` runs in the request's own task; a watcher task cancels that task when the client goes, and the
+    cancellation it caused becomes ClientDisconnected. A cancellation from elsewhere (shutdown) stays one.
+    """
+    current = asyncio.current_task()
+    if current is None:
+        return await work
     disconnected = False
 
     async def watch() -> None:
@@ -56,15 +62,14 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
             message = await request.receive()
             if message["type"] == "http.disconnect":
                 disconnected = True
-                task.cancel()
+                current.cancel()
                 return
 
     watcher = asyncio.create_task(watch())
     try:
-        return await task
+        return await work
     except asyncio.CancelledError:
-        current = asyncio.current_task()
-        if disconnected and not (current is not None and current.cancelling()):
+        if disconnected and current.uncancel() == 0:
             raise ClientDisconnected() from None
         raise
     finally:

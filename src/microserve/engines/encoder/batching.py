@@ -6,12 +6,19 @@ Requests larger than a batch are split across passes; small ones ride along with
 
 Waiting only pays when other requests are in flight: a lone request is run at once, and under load the inputs
 that queue up while a pass runs fill the next one without waiting (as continuous batching does for generation).
+
+Under load a pass also takes at most half of the inputs that were recently in flight. Clients whose rows a pass
+has just computed need time to get their replies and send their next requests, while the forward thread would
+sit idle; with the work split in two halves, one half is computed while the other travels, and the forward
+thread never waits. Past a handful of inputs a batch is as efficient per input as a full one, so the split costs
+little and keeps the cores busy.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import queue
 import threading
 import time
@@ -20,6 +27,9 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 log = logging.getLogger(__name__)
+
+# Below this many inputs a pass costs noticeably more per input, so the load is not split finer.
+MIN_SPLIT = 4
 
 In = TypeVar("In")
 Out = TypeVar("Out")
@@ -53,32 +63,70 @@ def _reject(future: asyncio.Future[list[Out]], exc: BaseException) -> None:
 
 
 class DynamicBatcher(Generic[In, Out]):
-    """Runs ``forward`` on batches of at most ``max_batch`` inputs, waiting at most ``max_wait_s`` to fill one."""
+    """Runs batches of at most ``max_batch`` inputs, waiting at most ``max_wait_s`` to fill one.
+
+    Each of ``forwards`` gets a worker thread of its own; workers take turns collecting a batch and then run their
+    passes side by side (each forward is called from its own thread only).
+    """
 
     def __init__(
-        self, forward: Callable[[list[In]], list[Out]], *, max_batch: int, max_wait_s: float, name: str
+        self,
+        forwards: Sequence[Callable[[list[In]], list[Out]]],
+        *,
+        max_batch: int,
+        max_wait_s: float,
+        name: str,
     ) -> None:
-        self._forward = forward
+        if not forwards:
+            raise ValueError("a batcher needs at least one forward pass")
         self.max_batch = max_batch
         self._max_wait = max_wait_s
         self._queue: queue.SimpleQueue[_Item[In, Out] | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._threads = [
+            threading.Thread(
+                target=self._run, args=(forward,), name=name if len(forwards) == 1 else f"{name}-{i}", daemon=True
+            )
+            for i, forward in enumerate(forwards)
+        ]
         self._stopping = False
+        # One worker collects at a time, so a batch is never torn between two of them.
+        self._collecting = threading.Lock()
+        self._counting = threading.Lock()
         self.forward_passes = 0
         self.inputs = 0
-        # Requests between submit and result; written on the event loop only, read by the worker.
+        # Requests and their inputs between submit and result; written on the event loop only, read by workers.
         self._active = 0
+        self._in_flight = 0
+        # The most inputs in flight since a worker last looked; the loop raises it, the collecting worker lowers it
+        # to the current count. A lost update only skews one estimate of the load.
+        self._peak = 0
+
+    @property
+    def workers(self) -> int:
+        """Forward passes that can run at once."""
+        return len(self._threads)
 
     def start(self) -> None:
-        """Start the worker thread."""
-        self._thread.start()
+        """Start the worker threads."""
+        for thread in self._threads:
+            thread.start()
 
     def stop(self) -> None:
-        """Finish the batch in progress, fail what waits, and join the worker."""
+        """Finish the batches in progress, fail what waits, and join the workers."""
         self._stopping = True
-        self._queue.put(None)
-        if self._thread.is_alive():
-            self._thread.join(timeout=30)
+        for _ in self._threads:
+            self._queue.put(None)
+        for thread in self._threads:
+            if thread.is_alive():
+                thread.join(timeout=30)
+        # Whoever still waits gets an error instead of hanging.
+        while True:
+            try:
+                left = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if left is not None:
+                self._fail([left], RuntimeError("the encoder stopped"))
 
     @property
     def waiting(self) -> int:
@@ -89,25 +137,41 @@ class DynamicBatcher(Generic[In, Out]):
         """Rows for ``values`` in order, computed in as few passes as the concurrent load allows."""
         if self._stopping:
             raise RuntimeError("the encoder is shutting down")
+        if not values:
+            return []
         loop = asyncio.get_running_loop()
         job: _Job[Out] = _Job(
             loop=loop, future=loop.create_future(), results=[None] * len(values), remaining=len(values)
         )
-        if not values:
-            return []
         self._active += 1
+        self._in_flight += len(values)
+        self._peak = max(self._peak, self._in_flight)
         try:
             for i, value in enumerate(values):
                 self._queue.put(_Item(job, i, value))
             return await job.future
+        except asyncio.CancelledError:
+            # The client left: its inputs still in the queue are dropped instead of computed.
+            job.failed = True
+            raise
         finally:
             self._active -= 1
+            self._in_flight -= len(values)
+
+    def _cap(self) -> int:
+        """Inputs the next pass may take: the whole bound, or a share of the recent load when several requests
+        share the workers, leaving one share on its way back from the clients."""
+        peak, self._peak = self._peak, self._in_flight
+        if self._active <= 1:
+            return self.max_batch
+        return min(self.max_batch, max(MIN_SPLIT, math.ceil(peak / (len(self._threads) + 1))))
 
     def _collect(self, first: _Item[In, Out]) -> list[_Item[In, Out]]:
         batch = [first]
         jobs = {id(first.job)}
         deadline = first.enqueued + self._max_wait
-        while len(batch) < self.max_batch:
+        cap = self._cap()
+        while len(batch) < cap:
             try:
                 # Whatever is already queued joins without waiting; only an unfilled batch waits out the bound,
                 # and only while some other request is in flight and may still add inputs.
@@ -128,40 +192,37 @@ class DynamicBatcher(Generic[In, Out]):
                 jobs.add(id(item.job))
         return batch
 
-    def _run(self) -> None:
+    @staticmethod
+    def _fail(items: Sequence[_Item[In, Out]], exc: BaseException) -> None:
+        for item in items:
+            if not item.job.failed:
+                item.job.failed = True
+                item.job.loop.call_soon_threadsafe(_reject, item.job.future, exc)
+
+    def _run(self, forward: Callable[[list[In]], list[Out]]) -> None:
         while True:
-            first = self._queue.get()
-            if first is None or self._stopping:
-                break
-            if first.job.failed:
-                continue
-            batch = self._collect(first)
+            with self._collecting:
+                first = self._queue.get()
+                if first is None:
+                    return
+                if self._stopping:
+                    self._fail([first], RuntimeError("the encoder stopped"))
+                    return
+                if first.job.failed:
+                    continue
+                batch = self._collect(first)
             try:
-                rows = self._forward([item.value for item in batch])
+                rows = forward([item.value for item in batch])
             except Exception as exc:
                 log.exception("encoder forward pass failed")
-                for item in batch:
-                    if not item.job.failed:
-                        item.job.failed = True
-                        item.job.loop.call_soon_threadsafe(_reject, item.job.future, exc)
+                self._fail(batch, exc)
                 continue
-            self.forward_passes += 1
-            self.inputs += len(batch)
-            for item, row in zip(batch, rows, strict=True):
-                job = item.job
-                job.results[item.index] = row
-                job.remaining -= 1
-                if job.remaining == 0:
-                    job.loop.call_soon_threadsafe(_resolve, job.future, list(job.results))  # type: ignore[arg-type]
-        # Shutdown: whoever still waits gets an error instead of hanging.
-        if first is not None and not first.job.failed:
-            first.job.failed = True
-            first.job.loop.call_soon_threadsafe(_reject, first.job.future, RuntimeError("the encoder stopped"))
-        while True:
-            try:
-                left = self._queue.get_nowait()
-            except queue.Empty:
-                return
-            if left is not None and not left.job.failed:
-                left.job.failed = True
-                left.job.loop.call_soon_threadsafe(_reject, left.job.future, RuntimeError("the encoder stopped"))
+            with self._counting:
+                self.forward_passes += 1
+                self.inputs += len(batch)
+                for item, row in zip(batch, rows, strict=True):
+                    job = item.job
+                    job.results[item.index] = row
+                    job.remaining -= 1
+                    if job.remaining == 0:
+                        job.loop.call_soon_threadsafe(_resolve, job.future, list(job.results))  # type: ignore[arg-type]
