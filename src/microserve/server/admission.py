@@ -203,7 +203,9 @@ async def admit(request: Request, model_name: str, sequences: int = 1) -> Ticket
     """
     gate = gate_for(request, model_name)
     # Most requests find a free slot; only one that has to queue needs watching for its client leaving.
-    ticket = gate.try_acquire(sequences) or await until_disconnect(request, gate.acquire(sequences))
+    ticket = gate.try_acquire(sequences)
+    if ticket is None:
+        ticket = await until_disconnect(request, gate.acquire(sequences))
     record = current_record()
     if record is not None:
         record.queue_time = ticket.queued_seconds
