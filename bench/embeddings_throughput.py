@@ -24,6 +24,7 @@ import random
 import sys
 import threading
 import time
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +124,15 @@ async def through_server(url: str, texts: list[str], concurrency: int) -> float:
             await c.close()
 
 
+def run_client(work: Coroutine[Any, Any, float]) -> float:
+    """Run the client on uvloop (installed with microserve), whose loop costs less CPU than asyncio's own."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(work)
+    return uvloop.run(work)
+
+
 def forward_passes(url: str) -> tuple[int, int]:
     cards = {m["id"]: m for m in httpx.get(f"{url}/v1/models").json()["data"]}
     meta = cards[MODEL]["metadata"]
@@ -155,7 +165,7 @@ def main() -> int:
             for size in (1, 32):
                 best[f"b{size}"] = max(best[f"b{size}"], ceiling.rate(texts, size))
                 before = forward_passes(url)
-                best[f"c{size}"] = max(best[f"c{size}"], asyncio.run(through_server(url, texts, size)))
+                best[f"c{size}"] = max(best[f"c{size}"], run_client(through_server(url, texts, size)))
                 after = forward_passes(url)
                 batch[size] = (after[1] - before[1]) / max(1, after[0] - before[0])
     served = {"c1": best["c1"], "c32": best["c32"], "c1_batch": batch[1], "c32_batch": batch[32]}

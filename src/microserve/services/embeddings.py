@@ -57,6 +57,13 @@ def encode_base64(vector: list[float]) -> str:
     return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
 
 
+def input_count(raw: object) -> int:
+    """How many inputs ``input`` holds: one for a string or a single token list, else the list's length."""
+    if isinstance(raw, list) and raw and not all(isinstance(x, int) for x in raw):
+        return len(raw)
+    return 1
+
+
 def _size(raw: object) -> int:
     if isinstance(raw, str):
         return len(raw)

@@ -164,7 +164,7 @@ class DynamicBatcher(Generic[In, Out]):
         peak, self._peak = self._peak, self._in_flight
         if self._active <= 1:
             return self.max_batch
-        return min(self.max_batch, max(MIN_SPLIT, math.ceil(peak / (len(self._threads) + 1))))
+        return min(self.max_batch, max(MIN_SPLIT, math.ceil(peak / (2 * len(self._threads)))))
 
     def _collect(self, first: _Item[In, Out]) -> list[_Item[In, Out]]:
         batch = [first]

@@ -24,7 +24,7 @@ from microserve.protocol.ranking import (
 )
 from microserve.server.admission import admit
 from microserve.server.streaming import until_disconnect
-from microserve.services.embeddings import EmbeddingService
+from microserve.services.embeddings import EmbeddingService, input_count
 from microserve.services.ranking import RankingService, ranker_of
 from microserve.services.registry import EncoderModel
 
@@ -35,11 +35,17 @@ router = APIRouter(tags=["retrieval"], responses=ERRORS)
 T = TypeVar("T")
 
 
-async def gated(request: Request, model: EncoderModel, work: Callable[[], Coroutine[Any, Any, T]]) -> T:
-    """Run ``work`` once the encoder's admission gate lets the request in (429/503 when it is saturated)."""
+async def gated(request: Request, model: EncoderModel, inputs: int, work: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run ``work`` once the encoder's admission gate lets the request in (429/503 when it is saturated).
+
+    Work of more inputs than one forward pass takes is cancelled if the client leaves; a request that fits in one
+    pass is done within that pass, sooner than watching for its client would pay off.
+    """
     ticket = await admit(request, model.name)
     try:
-        return await until_disconnect(request, work())
+        if inputs > model.engine.stats().max_batch:
+            return await until_disconnect(request, work())
+        return await work()
     finally:
         ticket.release()
 
@@ -65,7 +71,7 @@ def encoder_metadata(model: EncoderModel) -> dict[str, Any]:
 async def embeddings(body: EmbeddingRequest, request: Request) -> EmbeddingResponse | Response:
     """Embed a string, a list of strings, or token id lists; float or base64 vectors."""
     service: EmbeddingService = request.app.state.embeddings
-    reply = await gated(request, service.model(body.model), lambda: service.embed(body))
+    reply = await gated(request, service.model(body.model), input_count(body.input), lambda: service.embed(body))
     # Serialised by pydantic-core in one call: re-validating thousands of floats through the response model costs
     # more than the forward pass for short inputs.
     return Response(content=reply.model_dump_json(), media_type="application/json")
@@ -85,7 +91,7 @@ async def ranking(body: RankingRequest, request: Request) -> RankingResponse | R
             usage=RankingUsage(prompt_tokens=scores.tokens, total_tokens=scores.tokens),
         )
 
-    return await gated(request, model, run)
+    return await gated(request, model, len(body.passages), run)
 
 
 @router.post("/v1/rerank", response_model=RerankResponse, response_model_exclude_none=True)
@@ -116,4 +122,4 @@ async def rerank(body: RerankRequest, request: Request) -> RerankResponse | Resp
             usage=RerankUsage(total_tokens=scores.tokens),
         )
 
-    return await gated(request, model, run)
+    return await gated(request, model, len(body.documents), run)
