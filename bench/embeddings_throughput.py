@@ -11,7 +11,7 @@ server's cores, and a heavier client's CPU time would be charged to the server. 
 within each repeat, so that the machine's drift (a shared VM's speed moves 10-20% from minute to minute) falls on
 both; every figure is the best of ``--repeats``.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/embeddings_throughput.py [--repeats 5] [--requests 512]
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/embeddings_throughput.py [--repeats 5] [--requests 512] [--words 10 20]
 """
 
 from __future__ import annotations
@@ -41,10 +41,10 @@ _WORDS = (
 ).split()
 
 
-def sentences(n: int, seed: int = 0) -> list[str]:
-    """``n`` deterministic sentences of 10 to 20 words."""
+def sentences(n: int, seed: int = 0, words: tuple[int, int] = (10, 20)) -> list[str]:
+    """``n`` deterministic sentences of ``words[0]`` to ``words[1]`` words."""
     rng = random.Random(seed)
-    return [" ".join(rng.choice(_WORDS) for _ in range(rng.randint(10, 20))).capitalize() + "." for _ in range(n)]
+    return [" ".join(rng.choice(_WORDS) for _ in range(rng.randint(*words))).capitalize() + "." for _ in range(n)]
 
 
 class Direct:
@@ -143,12 +143,20 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--requests", type=int, default=512)
+    parser.add_argument(
+        "--words",
+        type=int,
+        nargs=2,
+        default=(10, 20),
+        metavar=("MIN", "MAX"),
+        help="words per input: short sentences by default; passages (e.g. 80 120) put more work in each request",
+    )
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "out")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     os.environ["HF_HUB_OFFLINE"] = "1"
-    texts = sentences(args.requests)
+    texts = sentences(args.requests, words=tuple(args.words))
 
     ceiling = Direct(args.threads)
     for forward in ceiling.forwards:
@@ -172,7 +180,8 @@ def main() -> int:
 
     print(
         f"{MODEL}, ONNX Runtime backend, {args.threads} threads as {ceiling.workers} worker(s) x "
-        f"{ceiling.threads_per_worker}, {args.requests} sentences, best of {args.repeats}"
+        f"{ceiling.threads_per_worker}, {args.requests} inputs of {args.words[0]}-{args.words[1]} words, "
+        f"best of {args.repeats}"
     )
     print("| path | sentences/s | mean batch | ratio to direct |")
     print("|---|---|---|---|")
