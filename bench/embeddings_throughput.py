@@ -50,7 +50,7 @@ def sentences(n: int, seed: int = 0, words: tuple[int, int] = (10, 20)) -> list[
 class Direct:
     """The server's own backend in its server configuration, called in-process."""
 
-    def __init__(self, threads: int) -> None:
+    def __init__(self, threads: int, workers: int | None) -> None:
         from microserve.catalog.manifest import find_builtin
         from microserve.engines.encoder.engine import split_threads
         from microserve.engines.encoder.model_dir import WordTokenizer, read_layout
@@ -65,7 +65,7 @@ class Direct:
         path = ModelStore(cache).ensure(manifest)
         self.layout = read_layout(path)
         self.tok = WordTokenizer(path)
-        self.workers, self.threads_per_worker = split_threads(threads, None)
+        self.workers, self.threads_per_worker = split_threads(threads, workers)
         onnx = exported_model(path, "embedding", cache)
         self.forwards = [
             OnnxForward(onnx, "embedding", self.layout, threads=self.threads_per_worker, pad_id=self.tok.pad_id)
@@ -152,24 +152,30 @@ def main() -> int:
         help="words per input: short sentences by default; passages (e.g. 80 120) put more work in each request",
     )
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument(
+        "--workers", type=int, default=None, help="encoder workers, for the server and the direct call [server default]"
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "out")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     os.environ["HF_HUB_OFFLINE"] = "1"
     texts = sentences(args.requests, words=tuple(args.words))
 
-    ceiling = Direct(args.threads)
+    ceiling = Direct(args.threads, args.workers)
     for forward in ceiling.forwards:
         forward(ceiling._inputs(texts[:32]))
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "microserve", "serve", "--port", str(port), "--parallel", "1"]
-    cmd += ["--threads", str(args.threads)]
-    best: dict[str, float] = {"b1": 0.0, "b32": 0.0, "c1": 0.0, "c32": 0.0}
+    cmd += ["--threads", str(args.threads), "--encoder-workers", str(ceiling.workers)]
+    best: dict[str, float] = {"b1": 0.0, "b8": 0.0, "b32": 0.0, "c1": 0.0, "c32": 0.0}
     batch: dict[int, float] = {}
     with running_server("microserve", cmd, url, f"{url}/v1/health/ready", log_path=args.out / "serve-embeddings.log"):
         for _ in range(args.repeats):
+            # Batch 8 is about what the server's passes carry at c=32; with inputs of uneven length it pads less
+            # than batch 32, so it can be the faster direct figure.
+            best["b8"] = max(best["b8"], ceiling.rate(texts, 8))
             for size in (1, 32):
                 best[f"b{size}"] = max(best[f"b{size}"], ceiling.rate(texts, size))
                 before = forward_passes(url)
@@ -186,14 +192,19 @@ def main() -> int:
     print("| path | sentences/s | mean batch | ratio to direct |")
     print("|---|---|---|---|")
     print(f"| direct, batch 1 | {best['b1']:.1f} | 1 | 1.00 |")
+    print(f"| direct, batch 8 | {best['b8']:.1f} | 8 | 1.00 |")
     print(f"| direct, batch 32 | {best['b32']:.1f} | 32 | 1.00 |")
     r1 = served["c1"] / best["b1"]
     r32 = served["c32"] / best["b32"]
+    r_best = served["c32"] / max(best["b8"], best["b32"])
     print(f"| server, c=1 | {served['c1']:.1f} | {served['c1_batch']:.1f} | {r1:.2f} x direct b=1 |")
-    print(f"| server, c=32 | {served['c32']:.1f} | {served['c32_batch']:.1f} | {r32:.2f} x direct b=32 |")
+    print(
+        f"| server, c=32 | {served['c32']:.1f} | {served['c32_batch']:.1f} | {r32:.2f} x direct b=32, "
+        f"{r_best:.2f} x the faster of b=8 and b=32 |"
+    )
     ok = r32 >= GOAL
     print(f"\nserver c=32 / direct batch 32 = {r32:.2f} (goal {GOAL}): {'ok' if ok else 'BELOW'}")
-    figures = {"direct": {"b1": best["b1"], "b32": best["b32"]}, "server": served}
+    figures = {"direct": {k: best[k] for k in ("b1", "b8", "b32")}, "server": served}
     (args.out / "embeddings_throughput.json").write_text(json.dumps(figures, indent=2))
     return 0 if ok else 1
 
