@@ -399,6 +399,24 @@ def test_one_json_log_line_per_request_with_its_id_and_no_secrets(guarded: Serve
         assert secret not in log
 
 
+def test_embedding_and_ranking_requests_log_their_model_and_tokens(guarded: Server) -> None:
+    before = metric(guarded, "prompt_tokens_total", model_name=EMBEDDER)
+    used = 0
+    for path, request_id in (("/v1/embeddings", "req-emb-7"), ("/v1/ranking", "req-rank-7")):
+        response = httpx.post(
+            f"{guarded.url}{path}", json=BODIES[path], headers={**AUTH, "X-Request-Id": request_id}, timeout=60
+        )
+        assert response.status_code == 200, response.text
+        tokens = response.json()["usage"]["prompt_tokens"]
+        assert tokens > 0
+        used += tokens
+        time.sleep(0.3)
+        lines = [json.loads(line) for line in guarded.log.read_text().splitlines() if line.startswith("{")]
+        (entry,) = [line for line in lines if line.get("request_id") == request_id]
+        assert entry["model"] == EMBEDDER and entry["prompt_tokens"] == tokens, entry
+    assert metric(guarded, "prompt_tokens_total", model_name=EMBEDDER) - before == used
+
+
 # -- configuration errors stop the CLI before it serves ------------------------------------------------------------
 
 
