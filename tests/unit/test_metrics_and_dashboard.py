@@ -6,7 +6,7 @@ import json
 import re
 from pathlib import Path
 
-from microserve.engines.base import EngineStats
+from microserve.engines.base import EncoderStats, EngineStats
 from microserve.server.metrics import Metrics
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "microserve-dashboard.json"
@@ -14,7 +14,10 @@ DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "micros
 
 def exported_names() -> set[str]:
     metrics = Metrics()
-    metrics.watch_load(lambda: [("m", EngineStats(1, 2, 4, 50, 100, 7, 9), 3)])
+    metrics.watch_load(
+        lambda: [("m", EngineStats(1, 2, 4, 50, 100, 7, 9), 3)],
+        lambda: [("e", EncoderStats(forward_passes=4, inputs=24, waiting=0, max_batch=32), 2, 1)],
+    )
     for child in (metrics.ttft, metrics.itl, metrics.e2e, metrics.queue_time):
         child.labels("m").observe(0.1)
     metrics.prompt_tokens.labels("m").inc(5)
@@ -25,6 +28,7 @@ def exported_names() -> set[str]:
     text = metrics.render().decode()
     assert 'num_requests_waiting{model_name="m"} 5.0' in text  # engine queue + admission queue
     assert 'kv_cache_usage_perc{model_name="m"} 0.5' in text
+    assert 'encoder_mean_batch{model_name="e"} 6.0' in text
     return {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}
 
 
