@@ -8,6 +8,9 @@ One invocation runs, on the same model and thread count:
    (c x 4 requests of 64 tokens each, ``ignore_eos``, temperature 0, a ~32-token prompt).
 3. ``microserve serve --parallel 16`` under the same load (skip with ``--only llama-server``).
 
+Both servers are up at once and take turns: for each concurrency and repeat, one run on each (the order swapped
+every repeat), so that the shared machine's drift in speed falls on both rather than on whichever runs last.
+
 It prints a table (tok/s, TTFT and ITL percentiles, ratios microserve/llama-server and
 microserve/ceiling) and writes ``results.json`` plus ``tok_s_vs_concurrency.png`` to ``--out``.
 
@@ -210,75 +213,83 @@ def llama_server_config(server: ServerProcess) -> dict[str, Any]:
     return config
 
 
-def sweep(
-    server: ServerProcess,
-    model_id: str,
-    prompt: str,
-    concurrencies: list[int],
-    requests_per_worker: int,
-    max_tokens: int,
-    repeats: int,
-) -> list[LoadResult]:
-    """Run the warm-up and then one closed-loop run per concurrency (median of ``repeats`` by tok/s)."""
-    # Warm-up: first-touch page faults, thread pool spin-up and lazy allocations stay out of c=1.
-    warm = asyncio.run(run_load(server.base_url, model_id, prompt, 1, 2, max_tokens))
-    if warm.n_ok == 0:
-        raise RuntimeError(f"{server.name}: warm-up requests failed: {warm.errors}")
-    results = []
-    for c in concurrencies:
-        runs = []
-        for _ in range(repeats):
-            load1 = os.getloadavg()[0]
-            res = asyncio.run(run_load(server.base_url, model_id, prompt, c, c * requests_per_worker, max_tokens))
-            runs.append(res)
-            print(
-                f"  {server.name:<12} c={c:<3} {res.tok_s:7.1f} tok/s  ttft p50 {res.ttft_p50_ms:7.1f} ms  "
-                f"itl p50 {res.itl_p50_ms:6.1f} ms  ok {res.n_ok}/{res.n_requests}  (load1 {load1:.2f})",
-                flush=True,
-            )
-            if res.errors:
-                print(f"    errors: {res.errors[:3]}", flush=True)
-        runs.sort(key=lambda r: r.tok_s)
-        results.append(runs[len(runs) // 2])
-    return results
+@dataclass
+class Contender:
+    """A started server under test, with what the sweep needs to drive it."""
+
+    name: str
+    server: ServerProcess
+    model_id: str
+    config: dict[str, Any] | None
+    prompt_tokens: int | None
+    runs: dict[int, list[LoadResult]]
+    error: str | None = None
 
 
-def bench_server(
-    name: str,
-    cmd: list[str],
-    port: int,
-    health_path: str,
-    model_fallback: str,
-    args: argparse.Namespace,
-    out: Path,
-) -> tuple[ServerRun, int | None]:
-    """Start one server, sweep the concurrencies, stop it; return its run and the prompt token count."""
+def start_contender(
+    name: str, cmd: list[str], port: int, health_path: str, model_fallback: str, args: argparse.Namespace, out: Path
+) -> Contender | ServerRun:
+    """Start one server and warm it up; a ServerRun carrying the error if it cannot serve."""
     base_url = f"http://127.0.0.1:{port}"
     print(f"\n== {name}: {' '.join(cmd)}", flush=True)
     try:
         server = start_server(
-            name,
-            cmd,
-            base_url,
-            base_url + health_path,
-            timeout_s=args.start_timeout,
-            log_path=out / f"{name}.log",
+            name, cmd, base_url, base_url + health_path, timeout_s=args.start_timeout, log_path=out / f"{name}.log"
         )
     except ServerStartError as exc:
         print(f"!! {name} could not be started: {exc}", file=sys.stderr, flush=True)
-        return ServerRun(server=name, results=[], error=str(exc)), None
+        return ServerRun(server=name, results=[], error=str(exc))
     try:
         config = llama_server_config(server) if name == LLAMA_SERVER else None
         prompt_tokens = count_prompt_tokens(base_url, args.prompt) if name == LLAMA_SERVER else None
         model_id = served_model_id(base_url, model_fallback)
-        results = sweep(server, model_id, args.prompt, args.concurrency, args.requests_per_worker,
-                        args.max_tokens, args.repeats)  # fmt: skip
-        return ServerRun(server=name, results=results, config=config), prompt_tokens
-    except Exception as exc:  # the other server's numbers are still worth writing out
-        print(f"!! {name} benchmark failed: {exc}", file=sys.stderr, flush=True)
-        return ServerRun(server=name, results=[], error=f"{type(exc).__name__}: {exc}"), None
-    finally:
+        # Warm-up: first-touch page faults, thread pool spin-up and lazy allocations stay out of c=1.
+        warm = asyncio.run(run_load(server.base_url, model_id, args.prompt, 1, 2, args.max_tokens))
+        if warm.n_ok == 0:
+            raise RuntimeError(f"warm-up requests failed: {warm.errors}")
+    except Exception as exc:
+        print(f"!! {name} could not be warmed up: {exc}", file=sys.stderr, flush=True)
         stop_server(server)
+        return ServerRun(server=name, results=[], error=f"{type(exc).__name__}: {exc}")
+    return Contender(name, server, model_id, config, prompt_tokens, runs={})
+
+
+def interleaved_sweep(contenders: list[Contender], args: argparse.Namespace) -> None:
+    """One closed-loop run per server, concurrency and repeat, the servers taking turns within each repeat (and
+    swapping who goes first), so that a drift in the machine's speed falls on all of them alike."""
+    for c in args.concurrency:
+        for repeat in range(args.repeats):
+            order = contenders if repeat % 2 == 0 else contenders[::-1]
+            for who in order:
+                if who.error:
+                    continue
+                load1 = os.getloadavg()[0]
+                try:
+                    requests = c * args.requests_per_worker
+                    load = run_load(who.server.base_url, who.model_id, args.prompt, c, requests, args.max_tokens)
+                    res = asyncio.run(load)
+                except Exception as exc:  # the other server's numbers are still worth writing out
+                    print(f"!! {who.name} benchmark failed: {exc}", file=sys.stderr, flush=True)
+                    who.error = f"{type(exc).__name__}: {exc}"
+                    continue
+                who.runs.setdefault(c, []).append(res)
+                print(
+                    f"  {who.name:<12} c={c:<3} {res.tok_s:7.1f} tok/s  ttft p50 {res.ttft_p50_ms:7.1f} ms  "
+                    f"itl p50 {res.itl_p50_ms:6.1f} ms  ok {res.n_ok}/{res.n_requests}  (load1 {load1:.2f})",
+                    flush=True,
+                )
+                if res.errors:
+                    print(f"    errors: {res.errors[:3]}", flush=True)
+
+
+def median_run(contender: Contender, concurrencies: list[int]) -> ServerRun:
+    """The contender's median run by tok/s at each concurrency."""
+    results = []
+    for c in concurrencies:
+        runs = sorted(contender.runs.get(c, []), key=lambda r: r.tok_s)
+        if runs:
+            results.append(runs[len(runs) // 2])
+    return ServerRun(server=contender.name, results=results, config=contender.config, error=contender.error)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -421,15 +432,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  ceiling B={row.b:<3} S_TG {row.s_tg:7.1f} t/s  S {row.s:7.1f} t/s  S_PP {row.s_pp:7.1f}")
 
     runs: list[ServerRun] = []
-    prompt_tokens = None
+    contenders: list[Contender] = []
     if args.only != MICROSERVE and peers is not None:
         port = free_port()
         cmd = [
             str(peers.llama_server), "-m", str(model_path), "-np", str(args.parallel), "-c", str(ctx),
             "-t", str(args.threads), "--host", "127.0.0.1", "--port", str(port),
         ]  # fmt: skip
-        run, prompt_tokens = bench_server(LLAMA_SERVER, cmd, port, "/health", model_path.name, args, out)
-        runs.append(run)
+        started_one = start_contender(LLAMA_SERVER, cmd, port, "/health", model_path.name, args, out)
+        if isinstance(started_one, Contender):
+            contenders.append(started_one)
+        else:
+            runs.append(started_one)
     if args.only != LLAMA_SERVER:
         port = free_port()
         cmd = [
@@ -437,8 +451,19 @@ def main(argv: list[str] | None = None) -> int:
             "--embedding-model", "none", "--parallel", str(args.parallel), "--threads", str(args.threads),
             "--context-length", str(args.ctx_per_slot), "--port", str(port),
         ]  # fmt: skip
-        run, _ = bench_server(MICROSERVE, cmd, port, "/v1/health/ready", microserve_model, args, out)
-        runs.append(run)
+        started_one = start_contender(MICROSERVE, cmd, port, "/v1/health/ready", microserve_model, args, out)
+        if isinstance(started_one, Contender):
+            contenders.append(started_one)
+        else:
+            runs.append(started_one)
+    try:
+        interleaved_sweep(contenders, args)
+    finally:
+        for contender in contenders:
+            stop_server(contender.server)
+    runs = [median_run(c, args.concurrency) for c in contenders] + runs
+    runs.sort(key=lambda r: r.server != LLAMA_SERVER)
+    prompt_tokens = next((c.prompt_tokens for c in contenders if c.prompt_tokens is not None), None)
 
     if prompt_tokens is not None:
         print(f"prompt: {prompt_tokens} tokens (llama-server /tokenize, with BOS); ceiling uses -npp {args.npp}")
