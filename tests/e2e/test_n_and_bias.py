@@ -127,6 +127,22 @@ def test_logit_bias_minus_100_bans_a_token(smollm: Server, smollm_vocab: object)
         assert b" the" not in _generated_pieces(smollm, {str(the[0]): -100}, seed)
 
 
+def test_greedy_text_is_the_same_with_and_without_logprobs(smollm: Server, smollm_vocab: object) -> None:
+    # Without logprobs a plain greedy sequence takes the argmax itself; with them it goes through llama.cpp's
+    # sampler chain. Both must pick the same tokens, biased or not, with EOS banned or not.
+    the = smollm_vocab.tokenize(b" the", add_bos=False, special=False)  # type: ignore[attr-defined]
+    for extra in ({}, {"logit_bias": {str(the[0]): -100, "1": 5}}, {"ignore_eos": True}):
+        body = {"model": MODEL, "messages": ASK, "max_tokens": 24, "temperature": 0, **extra}
+        plain = httpx.post(f"{smollm.v1}/chat/completions", json=body, timeout=60).json()
+        inspected = httpx.post(
+            f"{smollm.v1}/chat/completions", json={**body, "logprobs": True, "top_logprobs": 2}, timeout=60
+        ).json()
+        text = plain["choices"][0]["message"]["content"]
+        assert text and text == inspected["choices"][0]["message"]["content"], extra
+        chosen = [entry["token"] for entry in inspected["choices"][0]["logprobs"]["content"]]
+        assert "".join(chosen) == text
+
+
 def test_max_completion_tokens_caps_the_completion(smollm: Server) -> None:
     reply = smollm.client().chat.completions.create(
         model=MODEL,

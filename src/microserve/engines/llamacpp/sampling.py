@@ -59,8 +59,16 @@ class SequenceSampler:
         top_logprobs: int | None,
         grammar: L.llama_sampler_p | None = None,
         fast: L.llama_sampler_p | None = None,
+        greedy_bias: dict[int, float] | None = None,
     ) -> None:
         self._chain = chain
+        # A plain greedy sequence (bias at most: no penalties, grammar or logprobs) takes the argmax of the logits
+        # itself. llama.cpp's sampler first copies the whole vocabulary into a candidate array on every token, which
+        # on a 262k-token vocabulary costs more than the argmax; the pick is the same (the first highest logit).
+        self._greedy = greedy_bias is not None
+        bias = greedy_bias or {}
+        self._bias_ids = np.fromiter(bias.keys(), dtype=np.int64, count=len(bias))
+        self._bias_values = np.fromiter(bias.values(), dtype=np.float32, count=len(bias))
         self._pick = pick
         self._n_vocab = n_vocab
         self._top = top_logprobs
@@ -114,6 +122,12 @@ class SequenceSampler:
 
     def sample(self, ctx: L.llama_context_p, idx: int) -> Sampled | None:
         """Sample from the logits at batch index ``idx``; None when no token is allowed (a dead-end grammar)."""
+        if self._greedy:
+            logits = np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, idx), shape=(self._n_vocab,))
+            if len(self._bias_ids):
+                logits = logits.copy()
+                logits[self._bias_ids] += self._bias_values
+            return Sampled(int(np.argmax(logits)))
         if self._pick is None:
             return Sampled(L.llama_sampler_sample(self._chain, ctx, idx))
         if self._fast is not None:
@@ -201,6 +215,19 @@ def _add_shaping(
     L.llama_sampler_chain_add(chain, L.llama_sampler_init_temp(params.temperature))
 
 
+def _plain_greedy_bias(params: SamplingParams, eog_ids: list[int]) -> dict[int, float] | None:
+    """The logit bias of a greedy sequence that needs nothing else (the same bias ``_add_shaping`` applies), or
+    None when it needs the sampler chain: it samples, or it has penalties."""
+    if params.temperature > 0.0 or params.repetition_penalty != 1.0 or params.frequency_penalty:
+        return None
+    if params.presence_penalty:
+        return None
+    biases = {int(t): float(b) for t, b in params.logit_bias.items()}
+    if params.ignore_eos:
+        biases.update({token: _NEG_INF for token in eog_ids})
+    return biases
+
+
 def build_sampler(
     params: SamplingParams,
     *,
@@ -223,7 +250,8 @@ def build_sampler(
         pick = L.llama_sampler_init_dist(seed & 0xFFFFFFFF)
     if grammar is None and top_logprobs is None:
         L.llama_sampler_chain_add(chain, pick)
-        return SequenceSampler(chain, pick=None, n_vocab=n_vocab, top_logprobs=None)
+        greedy_bias = _plain_greedy_bias(params, eog)
+        return SequenceSampler(chain, pick=None, n_vocab=n_vocab, top_logprobs=None, greedy_bias=greedy_bias)
     fast = None
     if grammar is not None and top_logprobs is None:
         fast = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
