@@ -280,6 +280,7 @@ def test_a_client_leaving_the_queue_gives_its_place_up(guarded: Server) -> None:
                         if release.is_set():
                             return
 
+            assert await settle(guarded, "num_requests_running", lambda v: v == 0, 10) == 0
             holders = [asyncio.create_task(hold()) for _ in range(2)]
             assert await settle(guarded, "num_requests_running", lambda v: v == 2, 30) == 2
             # Both slots taken (200 tokens each): these wait in the queue until cancelled.
@@ -313,6 +314,8 @@ def test_a_request_for_n_choices_holds_n_slots(guarded: Server) -> None:
                         if release.is_set():
                             return
 
+            # The slot counts below assume an idle server: the streams of the test before may still be leaving.
+            assert await settle(guarded, "num_requests_running", lambda v: v == 0, 10) == 0
             holder = asyncio.create_task(hold())
             assert await settle(guarded, "num_requests_running", lambda v: v == 2, 30) == 2
             queued = [asyncio.create_task(http.post("/chat/completions", json=chat_body())) for _ in range(4)]
