@@ -7,11 +7,11 @@ Requests larger than a batch are split across passes; small ones ride along with
 Waiting only pays when other requests are in flight: a lone request is run at once, and under load the inputs
 that queue up while a pass runs fill the next one without waiting (as continuous batching does for generation).
 
-Under load a pass also takes at most half of the inputs that were recently in flight. Clients whose rows a pass
-has just computed need time to get their replies and send their next requests, while the forward thread would
-sit idle; with the work split in two halves, one half is computed while the other travels, and the forward
-thread never waits. Past a handful of inputs a batch is as efficient per input as a full one, so the split costs
-little and keeps the cores busy.
+Under load a pass also takes only a share of the inputs that were recently in flight: a half with one worker, a
+quarter with two. Clients whose rows a pass has just computed need time to get their replies and send their next
+requests, and a pass that took them all would leave its worker idle meanwhile; with the load in shares, as many
+shares travel as are computed, and the next pass finds its inputs queued. Past a handful of inputs a batch costs
+as little per input as a full one, so the split keeps the cores busy for almost nothing.
 """
 
 from __future__ import annotations
@@ -159,8 +159,8 @@ class DynamicBatcher(Generic[In, Out]):
             self._in_flight -= len(values)
 
     def _cap(self) -> int:
-        """Inputs the next pass may take: the whole bound, or a share of the recent load when several requests
-        share the workers, leaving one share on its way back from the clients."""
+        """Inputs the next pass may take: the whole bound for a lone request, else 1/(2 x workers) of the recent
+        load (at least MIN_SPLIT), so that as many shares travel to and from the clients as are computed."""
         peak, self._peak = self._peak, self._in_flight
         if self._active <= 1:
             return self.max_batch
