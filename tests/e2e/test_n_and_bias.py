@@ -131,7 +131,9 @@ def test_greedy_text_is_the_same_with_and_without_logprobs(smollm: Server, smoll
     # Without logprobs a plain greedy sequence takes the argmax itself; with them it goes through llama.cpp's
     # sampler chain. Both must pick the same tokens, biased or not, with EOS banned or not.
     the = smollm_vocab.tokenize(b" the", add_bos=False, special=False)  # type: ignore[attr-defined]
-    for extra in ({}, {"logit_bias": {str(the[0]): -100, "1": 5}}, {"ignore_eos": True}):
+    eos = str(smollm_vocab.token_eos())  # type: ignore[attr-defined]
+    # The EOS bias would end the reply at once; ignore_eos's ban must win over it, on both paths.
+    for extra in ({}, {"logit_bias": {str(the[0]): -100, "1": 5}}, {"logit_bias": {eos: 100}, "ignore_eos": True}):
         body = {"model": MODEL, "messages": ASK, "max_tokens": 24, "temperature": 0, **extra}
         plain = httpx.post(f"{smollm.v1}/chat/completions", json=body, timeout=60).json()
         inspected = httpx.post(
@@ -139,6 +141,7 @@ def test_greedy_text_is_the_same_with_and_without_logprobs(smollm: Server, smoll
         ).json()
         text = plain["choices"][0]["message"]["content"]
         assert text and text == inspected["choices"][0]["message"]["content"], extra
+        assert plain["choices"][0]["finish_reason"] == inspected["choices"][0]["finish_reason"] == "length"
         chosen = [entry["token"] for entry in inspected["choices"][0]["logprobs"]["content"]]
         assert "".join(chosen) == text
 

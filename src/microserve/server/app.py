@@ -22,7 +22,7 @@ from microserve.server.drain import DrainMiddleware, DrainState
 from microserve.server.errors import install_error_handlers
 from microserve.server.limits import BodyLimitMiddleware
 from microserve.server.logging import RequestLogMiddleware, current_record
-from microserve.server.metrics import InstrumentedEngine, Metrics, metrics_endpoint, route_label
+from microserve.server.metrics import InstrumentedEncoder, InstrumentedEngine, Metrics, metrics_endpoint, route_label
 from microserve.server.routes import health, metadata, openai, retrieval
 from microserve.server.tracing import Tracing
 from microserve.services.chat import ChatService
@@ -40,7 +40,7 @@ def _served(model: ResolvedModel, settings: Settings, metrics: Metrics, tracing:
     if model.task in ("embedding", "ranking"):
         return EncoderModel(
             name=model.name,
-            engine=build_encoder_engine(model, settings),
+            engine=InstrumentedEncoder(build_encoder_engine(model, settings), model.name, metrics),
             task=model.task,
             prefixes=model.prefixes,
             aliases=model.aliases,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -11,7 +11,17 @@ from prometheus_client.registry import Collector
 from starlette.requests import Request
 from starlette.responses import Response
 
-from microserve.engines.base import EncoderStats, EngineStats, GenerationDelta, GenerationRequest, ModelInfo, TextEngine
+from microserve.engines.base import (
+    EncoderEngine,
+    EncoderInfo,
+    EncoderInput,
+    EncoderStats,
+    EngineStats,
+    GenerationDelta,
+    GenerationRequest,
+    ModelInfo,
+    TextEngine,
+)
 from microserve.server.logging import current_record
 from microserve.server.tracing import Tracing
 
@@ -129,6 +139,53 @@ async def metrics_endpoint(request: Request) -> Response:
     """``GET /v1/metrics`` and ``/metrics``: Prometheus text format."""
     metrics: Metrics = request.app.state.metrics
     return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+class InstrumentedEncoder:
+    """An EncoderEngine that counts the tokens of every request it encodes and names its model on the request's
+    log line, as InstrumentedEngine does for generation, for every retrieval route alike."""
+
+    def __init__(self, inner: EncoderEngine, model_name: str, metrics: Metrics) -> None:
+        self.inner = inner
+        self.model_name = model_name
+        self._metrics = metrics
+
+    @property
+    def info(self) -> EncoderInfo:
+        """The wrapped encoder's model facts."""
+        return self.inner.info
+
+    @property
+    def ready(self) -> bool:
+        """Whether the wrapped encoder is ready."""
+        return self.inner.ready
+
+    async def start(self) -> None:
+        """Start the wrapped encoder."""
+        await self.inner.start()
+
+    async def shutdown(self) -> None:
+        """Stop the wrapped encoder."""
+        await self.inner.shutdown()
+
+    def tokenize(self, text: str) -> list[int]:
+        """Tokenize with the wrapped encoder."""
+        return self.inner.tokenize(text)
+
+    def stats(self) -> EncoderStats:
+        """The wrapped encoder's batching counters."""
+        return self.inner.stats()
+
+    async def encode(self, inputs: Sequence[EncoderInput]) -> list[list[float]]:
+        """Encode with the wrapped encoder, counting the tokens it read."""
+        rows = await self.inner.encode(inputs)
+        tokens = sum(len(item.token_ids) for item in inputs)
+        self._metrics.prompt_tokens.labels(self.model_name).inc(tokens)
+        record = current_record()
+        if record is not None:
+            record.model = self.model_name
+            record.prompt_tokens += tokens
+        return rows
 
 
 class InstrumentedEngine:

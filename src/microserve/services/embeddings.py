@@ -57,11 +57,18 @@ def encode_base64(vector: list[float]) -> str:
     return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
 
 
+def input_items(raw: object) -> list[str | list[int]]:
+    """The inputs ``input`` holds: a string or a single token list is one, else each item of the list."""
+    if isinstance(raw, str):
+        return [raw]
+    if isinstance(raw, list) and raw and all(isinstance(x, int) for x in raw):
+        return [list(raw)]
+    return list(raw) if isinstance(raw, list) else []
+
+
 def input_count(raw: object) -> int:
-    """How many inputs ``input`` holds: one for a string or a single token list, else the list's length."""
-    if isinstance(raw, list) and raw and not all(isinstance(x, int) for x in raw):
-        return len(raw)
-    return 1
+    """How many inputs ``input`` holds."""
+    return len(input_items(raw))
 
 
 def _size(raw: object) -> int:
@@ -91,14 +98,7 @@ class EmbeddingService:
 
     def sequences(self, model: EncoderModel, request: EmbeddingRequest) -> list[EncoderInput]:
         """Validated token sequences, one per input (tokenizing is CPU work: call this in a thread)."""
-        raw = request.input
-        items: list[str | list[int]]
-        if isinstance(raw, str):
-            items = [raw]
-        elif raw and all(isinstance(x, int) for x in raw):
-            items = [list(raw)]  # type: ignore[arg-type]
-        else:
-            items = list(raw)  # type: ignore[arg-type]
+        items = input_items(request.input)
         if not items:
             raise InvalidRequest("`input` must not be empty", param="input")
         if len(items) > MAX_INPUTS:

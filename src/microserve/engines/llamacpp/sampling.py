@@ -183,15 +183,11 @@ def _add_shaping(
     grammar: L.llama_sampler_p | None,
 ) -> None:
     """Bias, penalties, the grammar (if any) and, unless greedy, truncation and temperature."""
-    biases = dict(params.logit_bias)
-    if params.ignore_eos:
-        # End-of-generation tokens are banned outright, as llama-server does, so the sequence runs to max_tokens.
-        # With a grammar this ends the sequence once the grammar is complete (nothing else is allowed then).
-        biases.update({token: _NEG_INF for token in eog_ids})
+    biases = _biases(params, eog_ids)
     if biases:
         array = (L.llama_logit_bias * len(biases))(*(L.llama_logit_bias(t, b) for t, b in biases.items()))
         L.llama_sampler_chain_add(chain, L.llama_sampler_init_logit_bias(n_vocab, len(biases), array))
-    if params.repetition_penalty != 1.0 or params.frequency_penalty or params.presence_penalty:
+    if _has_penalties(params):
         L.llama_sampler_chain_add(
             chain,
             L.llama_sampler_init_penalties(
@@ -215,17 +211,18 @@ def _add_shaping(
     L.llama_sampler_chain_add(chain, L.llama_sampler_init_temp(params.temperature))
 
 
-def _plain_greedy_bias(params: SamplingParams, eog_ids: list[int]) -> dict[int, float] | None:
-    """The logit bias of a greedy sequence that needs nothing else (the same bias ``_add_shaping`` applies), or
-    None when it needs the sampler chain: it samples, or it has penalties."""
-    if params.temperature > 0.0 or params.repetition_penalty != 1.0 or params.frequency_penalty:
-        return None
-    if params.presence_penalty:
-        return None
+def _biases(params: SamplingParams, eog_ids: Iterable[int]) -> dict[int, float]:
+    """The request's logit bias, with end-of-generation tokens banned outright under ``ignore_eos``, as
+    llama-server does, so the sequence runs to max_tokens. With a grammar this ends the sequence once the grammar
+    is complete (nothing else is allowed then)."""
     biases = {int(t): float(b) for t, b in params.logit_bias.items()}
     if params.ignore_eos:
         biases.update({token: _NEG_INF for token in eog_ids})
     return biases
+
+
+def _has_penalties(params: SamplingParams) -> bool:
+    return params.repetition_penalty != 1.0 or bool(params.frequency_penalty) or bool(params.presence_penalty)
 
 
 def build_sampler(
@@ -250,7 +247,8 @@ def build_sampler(
         pick = L.llama_sampler_init_dist(seed & 0xFFFFFFFF)
     if grammar is None and top_logprobs is None:
         L.llama_sampler_chain_add(chain, pick)
-        greedy_bias = _plain_greedy_bias(params, eog)
+        # A greedy sequence that needs nothing but its bias skips the chain (see SequenceSampler).
+        greedy_bias = _biases(params, eog) if params.temperature <= 0.0 and not _has_penalties(params) else None
         return SequenceSampler(chain, pick=None, n_vocab=n_vocab, top_logprobs=None, greedy_bias=greedy_bias)
     fast = None
     if grammar is not None and top_logprobs is None:

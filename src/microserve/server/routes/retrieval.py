@@ -23,7 +23,6 @@ from microserve.protocol.ranking import (
     RerankUsage,
 )
 from microserve.server.admission import admit
-from microserve.server.logging import current_record
 from microserve.server.streaming import until_disconnect
 from microserve.services.embeddings import EmbeddingService, input_count
 from microserve.services.ranking import RankingService, ranker_of
@@ -51,15 +50,6 @@ async def gated(request: Request, model: EncoderModel, inputs: int, work: Callab
         ticket.release()
 
 
-def account(request: Request, model: EncoderModel, tokens: int) -> None:
-    """Put the request's model and tokens on its log line and in the per-model token counter, as generation does."""
-    record = current_record()
-    if record is not None:
-        record.model = model.name
-        record.prompt_tokens = tokens
-    request.app.state.metrics.prompt_tokens.labels(model.name).inc(tokens)
-
-
 def encoder_metadata(model: EncoderModel) -> dict[str, Any]:
     """What ``/v1/models`` tells about an encoder: how it ranks, its shape, and its batching counters."""
     meta: dict[str, Any] = {"ranker": ranker_of(model)}
@@ -81,9 +71,7 @@ def encoder_metadata(model: EncoderModel) -> dict[str, Any]:
 async def embeddings(body: EmbeddingRequest, request: Request) -> EmbeddingResponse | Response:
     """Embed a string, a list of strings, or token id lists; float or base64 vectors."""
     service: EmbeddingService = request.app.state.embeddings
-    model = service.model(body.model)
-    reply = await gated(request, model, input_count(body.input), lambda: service.embed(body))
-    account(request, model, reply.usage.prompt_tokens)
+    reply = await gated(request, service.model(body.model), input_count(body.input), lambda: service.embed(body))
     # Serialised by pydantic-core in one call: re-validating thousands of floats through the response model costs
     # more than the forward pass for short inputs.
     return Response(content=reply.model_dump_json(), media_type="application/json")
@@ -98,7 +86,6 @@ async def ranking(body: RankingRequest, request: Request) -> RankingResponse | R
 
     async def run() -> RankingResponse:
         scores = await service.score(model, body.query.text, [p.text for p in body.passages], body.truncate)
-        account(request, model, scores.tokens)
         return RankingResponse(
             rankings=[Ranking(index=i, logit=scores.logits[i]) for i in scores.order()],
             usage=RankingUsage(prompt_tokens=scores.tokens, total_tokens=scores.tokens),
@@ -119,7 +106,6 @@ async def rerank(body: RerankRequest, request: Request) -> RerankResponse | Resp
     async def run() -> RerankResponse:
         texts = [d if isinstance(d, str) else d.text for d in body.documents]
         scores = await service.score(model, body.query, texts, body.truncate)
-        account(request, model, scores.tokens)
         order = scores.order()[: body.top_n]
         results = [
             RerankResult(
