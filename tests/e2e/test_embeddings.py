@@ -166,6 +166,33 @@ def test_bad_embedding_requests_are_400(smollm: Server, body: dict[str, object],
     assert error["type"] == "invalid_request_error" and (error["param"] or "").startswith(param)
 
 
+@pytest.mark.parametrize(
+    ("path", "wrong", "param"),
+    [
+        ("/v1/embeddings", {"model": MODEL, "input": "x", "dimensions": "wide"}, "dimensions"),
+        ("/v1/ranking", {"model": MODEL, "query": "q", "passages": [{"text": "p"}]}, "query"),
+        ("/v1/rerank", {"query": "q", "documents": ["d"], "top_n": "many"}, "top_n"),
+    ],
+)
+def test_malformed_retrieval_bodies_are_openai_400s(smollm: Server, path: str, wrong: dict, param: str) -> None:
+    # These routes parse their bodies with their own lean route class: errors must read as on every other route.
+    url = f"{smollm.url}{path}"
+    broken = httpx.post(url, content=b'{"model": "x", "input": ', headers={"content-type": "application/json"})
+    assert broken.status_code == 400, broken.text
+    assert broken.json()["error"]["message"].startswith("the request body is not valid JSON")
+    listed = httpx.post(url, json=[1, 2])
+    assert listed.status_code == 400 and listed.json()["error"]["type"] == "invalid_request_error", listed.text
+    refused = httpx.post(url, json=wrong)
+    assert refused.status_code == 400, refused.text
+    error = refused.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["param"] == param, error
+    assert f"`{param}`" in error["message"]
+    # The schema still documents the body of each route.
+    schema = httpx.get(f"{smollm.url}/openapi.json").json()
+    body = schema["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body["$ref"].rsplit("/", 1)[1] in schema["components"]["schemas"]
+
+
 def test_models_refuse_the_other_family(smollm: Server) -> None:
     client = smollm.client()
     with pytest.raises(openai.BadRequestError, match="embedding model"):

@@ -11,8 +11,8 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import secrets
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -128,7 +128,8 @@ class RequestLogMiddleware:
             if name == b"x-request-id":
                 request_id = value.decode("latin-1")[:128]
                 break
-        request_id = request_id or uuid.uuid4().hex
+        # 128 random bits as 32 hex digits, the shape of a UUID's hex without the cost of building one.
+        request_id = request_id or secrets.token_hex(16)
         scope.setdefault("state", {})["request_id"] = request_id
         record = RequestRecord(request_id)
         token = _current.set(record)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -124,6 +125,16 @@ class Metrics:
         self.http = Counter(
             "http_requests", "HTTP responses by method, route and status.", ["method", "path", "status"], registry=r
         )
+        # Looking a child up by its label values takes a lock and a few microseconds; every response counts one.
+        self._http_children: dict[tuple[str, str, int], Any] = {}
+
+    def count_response(self, method: str, route: str, status: int) -> None:
+        """Count one HTTP response."""
+        key = (method, route, status)
+        child = self._http_children.get(key)
+        if child is None:
+            child = self._http_children[key] = self.http.labels(method, route, str(status))
+        child.inc()
 
     def watch_load(self, sources: TextLoad, encoders: EncoderLoad | None = None) -> None:
         """Register the scrape-time gauges over ``sources``: (model, engine stats, queued requests) tuples, and
@@ -148,7 +159,7 @@ class InstrumentedEncoder:
     def __init__(self, inner: EncoderEngine, model_name: str, metrics: Metrics) -> None:
         self.inner = inner
         self.model_name = model_name
-        self._metrics = metrics
+        self._prompt_tokens = metrics.prompt_tokens.labels(model_name)
 
     @property
     def info(self) -> EncoderInfo:
@@ -180,7 +191,7 @@ class InstrumentedEncoder:
         """Encode with the wrapped encoder, counting the tokens it read."""
         rows = await self.inner.encode(inputs)
         tokens = sum(len(item.token_ids) for item in inputs)
-        self._metrics.prompt_tokens.labels(self.model_name).inc(tokens)
+        self._prompt_tokens.inc(tokens)
         record = current_record()
         if record is not None:
             record.model = self.model_name

@@ -139,12 +139,14 @@ class EmbeddingService:
         else:
             sequences = await asyncio.to_thread(self.sequences, model, request)
         rows = await model.engine.encode(sequences)
+        # Built without validation: the values are the encoder's own, and checking each float of every vector
+        # again costs more per request than anything else in this method.
         data = []
         for i, row in enumerate(rows):
             vector = shorten(row, request.dimensions)
             value: list[float] | str = encode_base64(vector) if request.encoding_format == "base64" else vector
-            data.append(Embedding(index=i, embedding=value))
+            data.append(Embedding.model_construct(index=i, embedding=value))
         tokens = sum(len(s.token_ids) for s in sequences)
-        return EmbeddingResponse(
+        return EmbeddingResponse.model_construct(
             data=data, model=model.name, usage=EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens)
         )

@@ -7,7 +7,6 @@ from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
-from fastapi.responses import Response
 
 from microserve.protocol.common import ErrorResponse
 from microserve.protocol.embeddings import EmbeddingRequest, EmbeddingResponse
@@ -23,6 +22,7 @@ from microserve.protocol.ranking import (
     RerankUsage,
 )
 from microserve.server.admission import admit
+from microserve.server.json_route import JsonBodyRoute
 from microserve.server.streaming import until_disconnect
 from microserve.services.embeddings import EmbeddingService, input_count
 from microserve.services.ranking import RankingService, ranker_of
@@ -30,7 +30,8 @@ from microserve.services.registry import EncoderModel
 
 ERRORS: dict[int | str, dict] = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 500, 503)}
 
-router = APIRouter(tags=["retrieval"], responses=ERRORS)
+# Retrieval requests are small and many: their bodies are parsed by the lean JsonBodyRoute (server/json_route.py).
+router = APIRouter(tags=["retrieval"], responses=ERRORS, route_class=JsonBodyRoute)
 
 T = TypeVar("T")
 
@@ -68,17 +69,14 @@ def encoder_metadata(model: EncoderModel) -> dict[str, Any]:
 
 
 @router.post("/v1/embeddings", response_model=EmbeddingResponse)
-async def embeddings(body: EmbeddingRequest, request: Request) -> EmbeddingResponse | Response:
+async def embeddings(body: EmbeddingRequest, request: Request) -> EmbeddingResponse:
     """Embed a string, a list of strings, or token id lists; float or base64 vectors."""
     service: EmbeddingService = request.app.state.embeddings
-    reply = await gated(request, service.model(body.model), input_count(body.input), lambda: service.embed(body))
-    # Serialised by pydantic-core in one call: re-validating thousands of floats through the response model costs
-    # more than the forward pass for short inputs.
-    return Response(content=reply.model_dump_json(), media_type="application/json")
+    return await gated(request, service.model(body.model), input_count(body.input), lambda: service.embed(body))
 
 
 @router.post("/v1/ranking", response_model=RankingResponse)
-async def ranking(body: RankingRequest, request: Request) -> RankingResponse | Response:
+async def ranking(body: RankingRequest, request: Request) -> RankingResponse:
     """NIM reranking: passages sorted best first with their logits."""
     service: RankingService = request.app.state.ranking
 
@@ -97,7 +95,7 @@ async def ranking(body: RankingRequest, request: Request) -> RankingResponse | R
 @router.post("/v1/rerank", response_model=RerankResponse, response_model_exclude_none=True)
 @router.post("/v2/rerank", response_model=RerankResponse, response_model_exclude_none=True, include_in_schema=False)
 @router.post("/rerank", response_model=RerankResponse, response_model_exclude_none=True, include_in_schema=False)
-async def rerank(body: RerankRequest, request: Request) -> RerankResponse | Response:
+async def rerank(body: RerankRequest, request: Request) -> RerankResponse:
     """Cohere/Jina reranking: the ``top_n`` best documents with 0..1 relevance scores."""
     service: RankingService = request.app.state.ranking
 
