@@ -6,6 +6,10 @@ tokenization: they are the ceiling the server can reach. Through the server ever
 so at c=32 the dynamic batcher must merge concurrent requests to come close to the batch-32 ceiling.
 Goal: server c=32 >= 0.9x direct batch 32.
 
+A batch pads every row to its longest input. The server fills each pass with queued inputs of like length, so on
+inputs of uneven length it can beat a direct call that batches them in the order given; the last direct row sorts
+all inputs by length first, the most a caller who holds every input at once can get from the backend.
+
 The client writes its requests on raw keep-alive connections (``loadgen.KeepAliveClient``): it shares the
 server's cores, and a heavier client's CPU time would be charged to the server. Direct and served runs alternate
 within each repeat, so that the machine's drift (a shared VM's speed moves 10-20% from minute to minute) falls on
@@ -169,13 +173,15 @@ def main() -> int:
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "microserve", "serve", "--port", str(port), "--parallel", "1"]
     cmd += ["--threads", str(args.threads), "--encoder-workers", str(ceiling.workers)]
-    best: dict[str, float] = {"b1": 0.0, "b8": 0.0, "b32": 0.0, "c1": 0.0, "c32": 0.0}
+    by_length = sorted(texts, key=lambda text: len(ceiling.tok.encode(text)))
+    best: dict[str, float] = {"b1": 0.0, "b8": 0.0, "b32": 0.0, "s32": 0.0, "c1": 0.0, "c32": 0.0}
     batch: dict[int, float] = {}
     with running_server("microserve", cmd, url, f"{url}/v1/health/ready", log_path=args.out / "serve-embeddings.log"):
         for _ in range(args.repeats):
             # Batch 8 is about what the server's passes carry at c=32; with inputs of uneven length it pads less
             # than batch 32, so it can be the faster direct figure.
             best["b8"] = max(best["b8"], ceiling.rate(texts, 8))
+            best["s32"] = max(best["s32"], ceiling.rate(by_length, 32))
             for size in (1, 32):
                 best[f"b{size}"] = max(best[f"b{size}"], ceiling.rate(texts, size))
                 before = forward_passes(url)
@@ -194,17 +200,19 @@ def main() -> int:
     print(f"| direct, batch 1 | {best['b1']:.1f} | 1 | 1.00 |")
     print(f"| direct, batch 8 | {best['b8']:.1f} | 8 | 1.00 |")
     print(f"| direct, batch 32 | {best['b32']:.1f} | 32 | 1.00 |")
+    print(f"| direct, batch 32, inputs sorted by length | {best['s32']:.1f} | 32 | 1.00 |")
     r1 = served["c1"] / best["b1"]
     r32 = served["c32"] / best["b32"]
     r_best = served["c32"] / max(best["b8"], best["b32"])
+    r_sorted = served["c32"] / best["s32"]
     print(f"| server, c=1 | {served['c1']:.1f} | {served['c1_batch']:.1f} | {r1:.2f} x direct b=1 |")
     print(
         f"| server, c=32 | {served['c32']:.1f} | {served['c32_batch']:.1f} | {r32:.2f} x direct b=32, "
-        f"{r_best:.2f} x the faster of b=8 and b=32 |"
+        f"{r_best:.2f} x the faster of b=8 and b=32, {r_sorted:.2f} x length-sorted b=32 |"
     )
     ok = r32 >= GOAL
     print(f"\nserver c=32 / direct batch 32 = {r32:.2f} (goal {GOAL}): {'ok' if ok else 'BELOW'}")
-    figures = {"direct": {k: best[k] for k in ("b1", "b8", "b32")}, "server": served}
+    figures = {"direct": {k: best[k] for k in ("b1", "b8", "b32", "s32")}, "server": served}
     (args.out / "embeddings_throughput.json").write_text(json.dumps(figures, indent=2))
     return 0 if ok else 1
 

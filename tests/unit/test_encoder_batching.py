@@ -194,6 +194,70 @@ def test_a_cancelled_request_drops_its_queued_inputs() -> None:
     assert seen == [[1], [5]]
 
 
+def test_waiting_inputs_are_grouped_by_length_around_the_oldest() -> None:
+    # A pass pads its rows to the longest: with more inputs waiting than a pass takes, the next pass takes the
+    # oldest waiting input and those nearest to it in length.
+    started = threading.Event()
+    release = threading.Event()
+    passes: list[list[str]] = []
+
+    def gated(batch: list[str]) -> list[int]:
+        passes.append(list(batch))
+        started.set()
+        release.wait(5)
+        return [len(text) for text in batch]
+
+    batcher: DynamicBatcher[str, int] = DynamicBatcher([gated], max_batch=4, max_wait_s=0.0, name="t", size=len)
+    batcher.start()
+    lengths = [1, 9, 2, 8, 3, 7, 1, 9, 2, 8, 3, 7]
+
+    async def scenario() -> list[list[int]]:
+        first = asyncio.ensure_future(batcher.submit(["first"]))
+        await asyncio.to_thread(started.wait, 5)
+        waiting = [asyncio.ensure_future(batcher.submit(["x" * n])) for n in lengths]
+        await asyncio.sleep(0.02)
+        release.set()
+        assert await first == [5]
+        return list(await asyncio.gather(*waiting))
+
+    try:
+        results = asyncio.run(asyncio.wait_for(scenario(), 10))
+    finally:
+        batcher.stop()
+    assert results == [[n] for n in lengths]
+    # The oldest (1) with its nearest; then the oldest left (9) with its nearest; then the rest.
+    assert [sorted(map(len, p)) for p in passes[1:]] == [[1, 1, 2, 2], [8, 8, 9, 9], [3, 3, 7, 7]]
+
+
+def test_without_a_size_inputs_run_in_arrival_order() -> None:
+    started = threading.Event()
+    release = threading.Event()
+    passes: list[list[int]] = []
+
+    def gated(batch: list[int]) -> list[int]:
+        passes.append(list(batch))
+        started.set()
+        release.wait(5)
+        return batch
+
+    batcher: DynamicBatcher[int, int] = DynamicBatcher([gated], max_batch=4, max_wait_s=0.0, name="t")
+    batcher.start()
+
+    async def scenario() -> None:
+        first = asyncio.ensure_future(batcher.submit([0]))
+        await asyncio.to_thread(started.wait, 5)
+        waiting = [asyncio.ensure_future(batcher.submit([n])) for n in (9, 1, 8, 2, 7, 3, 6, 4)]
+        await asyncio.sleep(0.02)
+        release.set()
+        await asyncio.gather(first, *waiting)
+
+    try:
+        asyncio.run(asyncio.wait_for(scenario(), 10))
+    finally:
+        batcher.stop()
+    assert passes[1:] == [[9, 1, 8, 2], [7, 3, 6, 4]]
+
+
 @pytest.mark.parametrize(
     ("threads", "workers", "expected"),
     [(1, None, (1, 1)), (2, None, (2, 1)), (16, None, (2, 8)), (16, 4, (4, 4)), (2, 8, (2, 1)), (8, 1, (1, 8))],

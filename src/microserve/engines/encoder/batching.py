@@ -12,6 +12,11 @@ quarter with two. Clients whose rows a pass has just computed need time to get t
 requests, and a pass that took them all would leave its worker idle meanwhile; with the load in shares, as many
 shares travel as are computed, and the next pass finds its inputs queued. Past a handful of inputs a batch costs
 as little per input as a full one, so the split keeps the cores busy for almost nothing.
+
+When more inputs wait than a pass takes, a pass takes inputs of similar length: every row of a pass is padded to
+its longest one, so on inputs of uneven length a pass of a mix spends much of its work on padding. The oldest
+waiting input is always in the next pass, with the waiting inputs nearest to it in length (among the oldest few
+passes' worth), so nothing waits longer than the inputs queued ahead of it take to run.
 """
 
 from __future__ import annotations
@@ -19,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -30,6 +34,8 @@ log = logging.getLogger(__name__)
 
 # Below this many inputs a pass costs noticeably more per input, so the load is not split finer.
 MIN_SPLIT = 4
+# A pass picks inputs of like length among this many times its size of the oldest waiting inputs.
+POOL = 4
 
 In = TypeVar("In")
 Out = TypeVar("Out")
@@ -44,11 +50,12 @@ class _Job(Generic[Out]):
     failed: bool = False
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class _Item(Generic[In, Out]):
     job: _Job[Out]
     index: int
     value: In
+    size: int
     enqueued: float = field(default_factory=time.monotonic)
 
 
@@ -76,12 +83,17 @@ class DynamicBatcher(Generic[In, Out]):
         max_batch: int,
         max_wait_s: float,
         name: str,
+        size: Callable[[In], int] | None = None,
     ) -> None:
         if not forwards:
             raise ValueError("a batcher needs at least one forward pass")
         self.max_batch = max_batch
         self._max_wait = max_wait_s
-        self._queue: queue.SimpleQueue[_Item[In, Out] | None] = queue.SimpleQueue()
+        # How long an input is, as its forward pass pads it; without it inputs run in arrival order.
+        self._size = size
+        # Inputs waiting for a pass, oldest first; guarded by the condition, which submit() signals.
+        self._pending: list[_Item[In, Out]] = []
+        self._ready = threading.Condition(threading.Lock())
         self._threads = [
             threading.Thread(
                 target=self._run, args=(forward,), name=name if len(forwards) == 1 else f"{name}-{i}", daemon=True
@@ -113,25 +125,21 @@ class DynamicBatcher(Generic[In, Out]):
 
     def stop(self) -> None:
         """Finish the batches in progress, fail what waits, and join the workers."""
-        self._stopping = True
-        for _ in self._threads:
-            self._queue.put(None)
+        with self._ready:
+            self._stopping = True
+            self._ready.notify_all()
         for thread in self._threads:
             if thread.is_alive():
                 thread.join(timeout=30)
         # Whoever still waits gets an error instead of hanging.
-        while True:
-            try:
-                left = self._queue.get_nowait()
-            except queue.Empty:
-                return
-            if left is not None:
-                self._fail([left], RuntimeError("the encoder stopped"))
+        with self._ready:
+            left, self._pending = self._pending, []
+        self._fail(left, RuntimeError("the encoder stopped"))
 
     @property
     def waiting(self) -> int:
         """Inputs queued for a forward pass."""
-        return self._queue.qsize()
+        return len(self._pending)
 
     async def submit(self, values: Sequence[In]) -> list[Out]:
         """Rows for ``values`` in order, computed in as few passes as the concurrent load allows."""
@@ -146,9 +154,12 @@ class DynamicBatcher(Generic[In, Out]):
         self._active += 1
         self._in_flight += len(values)
         self._peak = max(self._peak, self._in_flight)
+        size = self._size
+        items = [_Item(job, i, value, size(value) if size is not None else 0) for i, value in enumerate(values)]
         try:
-            for i, value in enumerate(values):
-                self._queue.put(_Item(job, i, value))
+            with self._ready:
+                self._pending.extend(items)
+                self._ready.notify()
             return await job.future
         except asyncio.CancelledError:
             # The client left: its inputs still in the queue are dropped instead of computed.
@@ -166,31 +177,55 @@ class DynamicBatcher(Generic[In, Out]):
             return self.max_batch
         return min(self.max_batch, max(MIN_SPLIT, math.ceil(peak / (2 * len(self._threads)))))
 
-    def _collect(self, first: _Item[In, Out]) -> list[_Item[In, Out]]:
-        batch = [first]
-        jobs = {id(first.job)}
-        deadline = first.enqueued + self._max_wait
-        cap = self._cap()
-        while len(batch) < cap:
-            try:
-                # Whatever is already queued joins without waiting; only an unfilled batch waits out the bound,
-                # and only while some other request is in flight and may still add inputs.
-                item = self._queue.get_nowait()
-            except queue.Empty:
+    def _collect(self) -> list[_Item[In, Out]]:
+        """The next pass's inputs, waiting for the first one; empty once the batcher stops.
+
+        Called with ``_collecting`` held, so one worker at a time waits here.
+        """
+        with self._ready:
+            while True:
+                if self._stopping:
+                    return []
+                # A cancelled request's inputs are dropped instead of computed.
+                self._pending = [item for item in self._pending if not item.job.failed]
+                if self._pending:
+                    break
+                self._ready.wait()
+            deadline = self._pending[0].enqueued + self._max_wait
+            cap = self._cap()
+            # Whatever is already queued joins without waiting; only an unfilled batch waits out the bound, and only
+            # while some other request is in flight and may still add inputs.
+            while len(self._pending) < cap and not self._stopping:
                 left = deadline - time.monotonic()
-                if left <= 0 or self._active <= len(jobs):
+                if left <= 0 or self._active <= len({id(item.job) for item in self._pending}):
                     break
-                try:
-                    item = self._queue.get(timeout=left)
-                except queue.Empty:
-                    break
-            if item is None:
-                self._queue.put(None)
-                break
-            if not item.job.failed:
-                batch.append(item)
-                jobs.add(id(item.job))
-        return batch
+                self._ready.wait(left)
+                self._pending = [item for item in self._pending if not item.job.failed]
+                if not self._pending:
+                    return []
+            batch = self._choose(cap)
+            taken = set(map(id, batch))
+            self._pending = [item for item in self._pending if id(item) not in taken]
+            return batch
+
+    def _choose(self, cap: int) -> list[_Item[In, Out]]:
+        """At most ``cap`` waiting inputs: the oldest, and those nearest to it in length when more are waiting.
+
+        Only the ``POOL x cap`` oldest are candidates, which bounds the sorting when huge requests queue up.
+        """
+        pending = self._pending
+        if len(pending) <= cap:
+            return list(pending)
+        if self._size is None:
+            return pending[:cap]
+        oldest = pending[0]
+        # Stable: among inputs of one length the older come first.
+        ranked = sorted(pending[: POOL * cap], key=lambda item: item.size)
+        at = next(i for i, item in enumerate(ranked) if item is oldest)
+        # Of the runs of ``cap`` inputs in length order that hold the oldest, the one whose lengths spread least.
+        starts = range(max(0, at - cap + 1), min(at, len(ranked) - cap) + 1)
+        start = min(starts, key=lambda i: ranked[i + cap - 1].size - ranked[i].size)
+        return ranked[start : start + cap]
 
     @staticmethod
     def _fail(items: Sequence[_Item[In, Out]], exc: BaseException) -> None:
@@ -202,15 +237,11 @@ class DynamicBatcher(Generic[In, Out]):
     def _run(self, forward: Callable[[list[In]], list[Out]]) -> None:
         while True:
             with self._collecting:
-                first = self._queue.get()
-                if first is None:
-                    return
+                batch = self._collect()
+            if not batch:
                 if self._stopping:
-                    self._fail([first], RuntimeError("the encoder stopped"))
                     return
-                if first.job.failed:
-                    continue
-                batch = self._collect(first)
+                continue
             try:
                 rows = forward([item.value for item in batch])
             except Exception as exc:

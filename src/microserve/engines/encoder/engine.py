@@ -43,6 +43,10 @@ def split_threads(threads: int, workers: int | None) -> tuple[int, int]:
     return count, max(1, threads // count)
 
 
+def _length(item: EncoderInput) -> int:
+    return len(item.token_ids)
+
+
 class SentenceEncoder:
     """Embeddings (bi-encoder) or pair scores (cross-encoder) for token sequences, batched across requests."""
 
@@ -96,6 +100,8 @@ class SentenceEncoder:
             max_batch=self.config.max_batch,
             max_wait_s=self.config.max_wait_ms / 1000,
             name=f"encoder-{self.config.model_id}",
+            # A pass pads every row to its longest, so passes are filled with inputs of like length.
+            size=_length,
         )
         return info, tokenizer, batcher
 
