@@ -267,6 +267,14 @@ async def settle(server: Server, name: str, done: Callable[[float], bool], secon
     return value
 
 
+async def idle(server: Server) -> bool:
+    """Wait until nothing runs or waits: the requests of the test before (a cancelled client's sequence leaves the
+    engine at its next step, after its admission slot is free) must not count in the next test's queue."""
+    running = await settle(server, "num_requests_running", lambda v: v == 0, 10)
+    waiting = await settle(server, "num_requests_waiting", lambda v: v == 0, 10)
+    return running == 0 and waiting == 0 and await asyncio.to_thread(metric, server, "num_requests_running") == 0
+
+
 def test_a_client_leaving_the_queue_gives_its_place_up(guarded: Server) -> None:
     long = chat_body(max_tokens=LIMITS["max_tokens"], ignore_eos=True, stream=True)
 
@@ -280,7 +288,7 @@ def test_a_client_leaving_the_queue_gives_its_place_up(guarded: Server) -> None:
                         if release.is_set():
                             return
 
-            assert await settle(guarded, "num_requests_running", lambda v: v == 0, 10) == 0
+            assert await idle(guarded)
             holders = [asyncio.create_task(hold()) for _ in range(2)]
             assert await settle(guarded, "num_requests_running", lambda v: v == 2, 30) == 2
             # Both slots taken (200 tokens each): these wait in the queue until cancelled.
@@ -315,7 +323,7 @@ def test_a_request_for_n_choices_holds_n_slots(guarded: Server) -> None:
                             return
 
             # The slot counts below assume an idle server: the streams of the test before may still be leaving.
-            assert await settle(guarded, "num_requests_running", lambda v: v == 0, 10) == 0
+            assert await idle(guarded)
             holder = asyncio.create_task(hold())
             assert await settle(guarded, "num_requests_running", lambda v: v == 2, 30) == 2
             queued = [asyncio.create_task(http.post("/chat/completions", json=chat_body())) for _ in range(4)]
