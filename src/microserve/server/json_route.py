@@ -49,6 +49,7 @@ class JsonBodyRoute(APIRoute):
         model = body_model(self.endpoint)
         endpoint = self.endpoint
         exclude_none = self.response_model_exclude_none
+        status = self.status_code or 200
 
         async def handler(request: Request) -> Response:
             raw = await request.body()
@@ -61,6 +62,8 @@ class JsonBodyRoute(APIRoute):
             reply = await endpoint(body, request)
             if isinstance(reply, Response):
                 return reply
-            return Response(reply.model_dump_json(exclude_none=exclude_none), media_type="application/json")
+            return Response(
+                reply.model_dump_json(exclude_none=exclude_none), status_code=status, media_type="application/json"
+            )
 
         return handler

@@ -158,6 +158,9 @@ class DynamicBatcher(Generic[In, Out]):
         items = [_Item(job, i, value, size(value) if size is not None else 0) for i, value in enumerate(values)]
         try:
             with self._ready:
+                # Checked under the lock: stop() fails what is pending once, so nothing may join after it.
+                if self._stopping:
+                    raise RuntimeError("the encoder is shutting down")
                 self._pending.extend(items)
                 self._ready.notify()
             return await job.future
