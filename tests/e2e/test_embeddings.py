@@ -180,6 +180,8 @@ def test_malformed_retrieval_bodies_are_openai_400s(smollm: Server, path: str, w
     broken = httpx.post(url, content=b'{"model": "x", "input": ', headers={"content-type": "application/json"})
     assert broken.status_code == 400, broken.text
     assert broken.json()["error"]["message"].startswith("the request body is not valid JSON")
+    untyped = httpx.post(url, content=b'{"model": "x", "input": "y"}')  # no Content-Type: not read as JSON
+    assert untyped.status_code == 400 and "Content-Type" in untyped.json()["error"]["message"], untyped.text
     listed = httpx.post(url, json=[1, 2])
     assert listed.status_code == 400 and listed.json()["error"]["type"] == "invalid_request_error", listed.text
     refused = httpx.post(url, json=wrong)

@@ -50,6 +50,22 @@ def test_a_bad_body_is_a_validation_error_located_in_the_body() -> None:
     assert broken.status_code == 422 and broken.json()["detail"][0]["type"] == "json_invalid"
 
 
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded"])
+def test_a_body_not_sent_as_json_is_refused(content_type: str | None) -> None:
+    # What a browser may send cross-site without a CORS preflight.
+    headers = {"content-type": content_type} if content_type else {}
+    refused = TestClient(app()).post("/repeat", content=b'{"text": "ab"}', headers=headers)
+    assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["body"]
+
+
+@pytest.mark.parametrize(
+    "content_type", ["application/json; charset=utf-8", "Application/JSON", "application/vnd.x+json"]
+)
+def test_json_content_types_are_accepted(content_type: str) -> None:
+    reply = TestClient(app()).post("/repeat", content=b'{"text": "ab"}', headers={"content-type": content_type})
+    assert reply.status_code == 200 and reply.json() == {"text": "ab"}
+
+
 def test_the_schema_documents_the_body() -> None:
     schema = TestClient(app()).get("/openapi.json").json()
     body = schema["paths"]["/repeat"]["post"]["requestBody"]["content"]["application/json"]["schema"]

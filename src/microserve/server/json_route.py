@@ -6,7 +6,9 @@ retrieval routes, where one request may carry a single short sentence, that mach
 server's CPU per request, CPU that the encoder's forward passes need on a small machine. ``JsonBodyRoute`` validates
 the raw bytes in one pydantic-core call and hands the model to the endpoint. The OpenAPI schema is still FastAPI's,
 built from the endpoint's signature, and a malformed body is still a ``RequestValidationError`` (a 400 in OpenAI's
-error shape), as on every other route.
+error shape), as on every other route. As FastAPI does by default, a body is read as JSON only when its
+``Content-Type`` says so: a browser can send a ``text/plain`` or untyped POST to a server on localhost without a CORS
+preflight, and such a request must not get to run a model.
 """
 
 from __future__ import annotations
@@ -22,6 +24,15 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 Handler = Callable[[Request], Coroutine[Any, Any, Response]]
+NOT_JSON = "the body must be JSON, sent with Content-Type: application/json"
+
+
+def is_json(content_type: str | None) -> bool:
+    """Whether a ``Content-Type`` names JSON: ``application/json`` or an ``application/*+json`` type."""
+    if not content_type:
+        return False
+    mime = content_type.split(";", 1)[0].strip().lower()
+    return mime == "application/json" or (mime.startswith("application/") and mime.endswith("+json"))
 
 
 def body_model(endpoint: Callable[..., Any]) -> type[BaseModel]:
@@ -53,6 +64,10 @@ class JsonBodyRoute(APIRoute):
 
         async def handler(request: Request) -> Response:
             raw = await request.body()
+            if not is_json(request.headers.get("content-type")):
+                raise RequestValidationError(
+                    [{"type": "content_type", "loc": ("body",), "msg": NOT_JSON, "input": None}], body=raw
+                )
             try:
                 body = model.model_validate_json(raw)
             except ValidationError as exc:
