@@ -5,11 +5,16 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Callable
+from typing import Generic, TypeVar
 
 import pytest
 
 from microserve.engines.encoder.batching import DynamicBatcher
 from microserve.engines.encoder.engine import split_threads
+
+In = TypeVar("In")
+Out = TypeVar("Out")
 
 
 class Recorder:
@@ -162,28 +167,40 @@ def test_a_lone_request_is_not_split() -> None:
     assert [len(b) for b in forward.batches] == [32]
 
 
+class Held(Generic[In, Out]):
+    """A forward pass that records its batches and holds each until released, so that inputs queue up behind the
+    first one; it answers each input with ``answer``."""
+
+    def __init__(self, answer: Callable[[In], Out]) -> None:
+        self.answer = answer
+        self.passes: list[list[In]] = []
+        self.started = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self, batch: list[In]) -> list[Out]:
+        self.passes.append(list(batch))
+        self.started.set()
+        self.release.wait(5)
+        return [self.answer(x) for x in batch]
+
+    async def running(self) -> None:
+        """Return once the first pass has started (and is held)."""
+        await asyncio.to_thread(self.started.wait, 5)
+
+
 def test_a_cancelled_request_drops_its_queued_inputs() -> None:
-    started = threading.Event()
-    release = threading.Event()
-    seen: list[list[int]] = []
-
-    def gated(batch: list[int]) -> list[int]:
-        seen.append(list(batch))
-        started.set()
-        release.wait(5)
-        return batch
-
-    batcher: DynamicBatcher[int, int] = DynamicBatcher([gated], max_batch=1, max_wait_s=0.0, name="t")
+    held: Held[int, int] = Held(lambda x: x)
+    batcher: DynamicBatcher[int, int] = DynamicBatcher([held], max_batch=1, max_wait_s=0.0, name="t")
     batcher.start()
 
     async def scenario() -> None:
         first = asyncio.ensure_future(batcher.submit([1]))
-        await asyncio.to_thread(started.wait, 5)
+        await held.running()
         leaving = asyncio.ensure_future(batcher.submit([2, 3, 4]))
         await asyncio.sleep(0.01)
         leaving.cancel()
         await asyncio.sleep(0.01)
-        release.set()
+        held.release.set()
         assert await first == [1]
         assert await batcher.submit([5]) == [5]
 
@@ -191,32 +208,23 @@ def test_a_cancelled_request_drops_its_queued_inputs() -> None:
         asyncio.run(asyncio.wait_for(scenario(), 10))
     finally:
         batcher.stop()
-    assert seen == [[1], [5]]
+    assert held.passes == [[1], [5]]
 
 
 def test_waiting_inputs_are_grouped_by_length_around_the_oldest() -> None:
     # A pass pads its rows to the longest: with more inputs waiting than a pass takes, the next pass takes the
     # oldest waiting input and those nearest to it in length.
-    started = threading.Event()
-    release = threading.Event()
-    passes: list[list[str]] = []
-
-    def gated(batch: list[str]) -> list[int]:
-        passes.append(list(batch))
-        started.set()
-        release.wait(5)
-        return [len(text) for text in batch]
-
-    batcher: DynamicBatcher[str, int] = DynamicBatcher([gated], max_batch=4, max_wait_s=0.0, name="t", size=len)
+    held: Held[str, int] = Held(len)
+    batcher: DynamicBatcher[str, int] = DynamicBatcher([held], max_batch=4, max_wait_s=0.0, name="t", size=len)
     batcher.start()
     lengths = [1, 9, 2, 8, 3, 7, 1, 9, 2, 8, 3, 7]
 
     async def scenario() -> list[list[int]]:
         first = asyncio.ensure_future(batcher.submit(["first"]))
-        await asyncio.to_thread(started.wait, 5)
+        await held.running()
         waiting = [asyncio.ensure_future(batcher.submit(["x" * n])) for n in lengths]
         await asyncio.sleep(0.02)
-        release.set()
+        held.release.set()
         assert await first == [5]
         return list(await asyncio.gather(*waiting))
 
@@ -226,36 +234,27 @@ def test_waiting_inputs_are_grouped_by_length_around_the_oldest() -> None:
         batcher.stop()
     assert results == [[n] for n in lengths]
     # The oldest (1) with its nearest; then the oldest left (9) with its nearest; then the rest.
-    assert [sorted(map(len, p)) for p in passes[1:]] == [[1, 1, 2, 2], [8, 8, 9, 9], [3, 3, 7, 7]]
+    assert [sorted(map(len, p)) for p in held.passes[1:]] == [[1, 1, 2, 2], [8, 8, 9, 9], [3, 3, 7, 7]]
 
 
 def test_without_a_size_inputs_run_in_arrival_order() -> None:
-    started = threading.Event()
-    release = threading.Event()
-    passes: list[list[int]] = []
-
-    def gated(batch: list[int]) -> list[int]:
-        passes.append(list(batch))
-        started.set()
-        release.wait(5)
-        return batch
-
-    batcher: DynamicBatcher[int, int] = DynamicBatcher([gated], max_batch=4, max_wait_s=0.0, name="t")
+    held: Held[int, int] = Held(lambda x: x)
+    batcher: DynamicBatcher[int, int] = DynamicBatcher([held], max_batch=4, max_wait_s=0.0, name="t")
     batcher.start()
 
     async def scenario() -> None:
         first = asyncio.ensure_future(batcher.submit([0]))
-        await asyncio.to_thread(started.wait, 5)
+        await held.running()
         waiting = [asyncio.ensure_future(batcher.submit([n])) for n in (9, 1, 8, 2, 7, 3, 6, 4)]
         await asyncio.sleep(0.02)
-        release.set()
+        held.release.set()
         await asyncio.gather(first, *waiting)
 
     try:
         asyncio.run(asyncio.wait_for(scenario(), 10))
     finally:
         batcher.stop()
-    assert passes[1:] == [[9, 1, 8, 2], [7, 3, 6, 4]]
+    assert held.passes[1:] == [[9, 1, 8, 2], [7, 3, 6, 4]]
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -152,12 +152,44 @@ async def metrics_endpoint(request: Request) -> Response:
     return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
-class InstrumentedEncoder:
+class _Lifecycle(Protocol):
+    @property
+    def ready(self) -> bool: ...
+
+    async def start(self) -> None: ...
+
+    async def shutdown(self) -> None: ...
+
+
+E = TypeVar("E", bound=_Lifecycle)
+
+
+class _Wrapper(Generic[E]):
+    """What an instrumented engine passes straight through to the engine it wraps: readiness and lifecycle."""
+
+    def __init__(self, inner: E) -> None:
+        self.inner = inner
+
+    @property
+    def ready(self) -> bool:
+        """Whether the wrapped engine is ready."""
+        return self.inner.ready
+
+    async def start(self) -> None:
+        """Start the wrapped engine."""
+        await self.inner.start()
+
+    async def shutdown(self) -> None:
+        """Stop the wrapped engine."""
+        await self.inner.shutdown()
+
+
+class InstrumentedEncoder(_Wrapper[EncoderEngine]):
     """An EncoderEngine that counts the tokens of every request it encodes and names its model on the request's
     log line, as InstrumentedEngine does for generation, for every retrieval route alike."""
 
     def __init__(self, inner: EncoderEngine, model_name: str, metrics: Metrics) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.model_name = model_name
         self._prompt_tokens = metrics.prompt_tokens.labels(model_name)
 
@@ -165,19 +197,6 @@ class InstrumentedEncoder:
     def info(self) -> EncoderInfo:
         """The wrapped encoder's model facts."""
         return self.inner.info
-
-    @property
-    def ready(self) -> bool:
-        """Whether the wrapped encoder is ready."""
-        return self.inner.ready
-
-    async def start(self) -> None:
-        """Start the wrapped encoder."""
-        await self.inner.start()
-
-    async def shutdown(self) -> None:
-        """Stop the wrapped encoder."""
-        await self.inner.shutdown()
 
     def tokenize(self, text: str) -> list[int]:
         """Tokenize with the wrapped encoder."""
@@ -199,14 +218,14 @@ class InstrumentedEncoder:
         return rows
 
 
-class InstrumentedEngine:
+class InstrumentedEngine(_Wrapper[TextEngine]):
     """A TextEngine that records token counts, latencies and finish reasons of every sequence it serves.
 
     Wrapping the engine, rather than each service, keeps the numbers right for every route that generates.
     """
 
     def __init__(self, inner: TextEngine, model_name: str, metrics: Metrics, tracing: Tracing) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.model_name = model_name
         self._metrics = metrics
         self._tracing = tracing
@@ -215,19 +234,6 @@ class InstrumentedEngine:
     def info(self) -> ModelInfo:
         """The wrapped engine's model facts."""
         return self.inner.info
-
-    @property
-    def ready(self) -> bool:
-        """Whether the wrapped engine is ready."""
-        return self.inner.ready
-
-    async def start(self) -> None:
-        """Start the wrapped engine."""
-        await self.inner.start()
-
-    async def shutdown(self) -> None:
-        """Stop the wrapped engine."""
-        await self.inner.shutdown()
 
     def tokenize(self, text: str, *, add_special: bool, parse_special: bool = True) -> list[int]:
         """Tokenize with the wrapped engine."""

@@ -113,11 +113,6 @@ class DynamicBatcher(Generic[In, Out]):
         # to the current count. A lost update only skews one estimate of the load.
         self._peak = 0
 
-    @property
-    def workers(self) -> int:
-        """Forward passes that can run at once."""
-        return len(self._threads)
-
     def start(self) -> None:
         """Start the worker threads."""
         for thread in self._threads:
@@ -143,8 +138,6 @@ class DynamicBatcher(Generic[In, Out]):
 
     async def submit(self, values: Sequence[In]) -> list[Out]:
         """Rows for ``values`` in order, computed in as few passes as the concurrent load allows."""
-        if self._stopping:
-            raise RuntimeError("the encoder is shutting down")
         if not values:
             return []
         loop = asyncio.get_running_loop()
@@ -189,9 +182,7 @@ class DynamicBatcher(Generic[In, Out]):
             while True:
                 if self._stopping:
                     return []
-                # A cancelled request's inputs are dropped instead of computed.
-                self._pending = [item for item in self._pending if not item.job.failed]
-                if self._pending:
+                if self._drop_cancelled():
                     break
                 self._ready.wait()
             deadline = self._pending[0].enqueued + self._max_wait
@@ -203,13 +194,17 @@ class DynamicBatcher(Generic[In, Out]):
                 if left <= 0 or self._active <= len({id(item.job) for item in self._pending}):
                     break
                 self._ready.wait(left)
-                self._pending = [item for item in self._pending if not item.job.failed]
-                if not self._pending:
+                if not self._drop_cancelled():
                     return []
             batch = self._choose(cap)
             taken = set(map(id, batch))
             self._pending = [item for item in self._pending if id(item) not in taken]
             return batch
+
+    def _drop_cancelled(self) -> int:
+        """Drop the waiting inputs of requests whose clients left (called under the lock); how many inputs wait."""
+        self._pending = [item for item in self._pending if not item.job.failed]
+        return len(self._pending)
 
     def _choose(self, cap: int) -> list[_Item[In, Out]]:
         """At most ``cap`` waiting inputs: the oldest, and those nearest to it in length when more are waiting.
