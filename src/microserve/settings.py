@@ -117,6 +117,7 @@ class Settings(BaseSettings):
         False,
         validation_alias=_env("offline", "HF_HUB_OFFLINE"),
         description="Never touch the network; artifacts must already be cached.",
+        json_schema_extra={"flag": "--offline/--online"},
     )
     catalog_dir: Path | None = Field(
         None, description="A folder of extra model manifests (*.yaml) added to the built-in catalog."

@@ -16,8 +16,8 @@ from urllib.parse import urlparse
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-Task = Literal["chat", "completion", "embedding", "ranking"]
-EngineName = Literal["llamacpp", "vllm", "encoder"]
+from microserve.engines.registry import ENGINES, TEXT_TASKS, Task, default_engine
+
 DeviceKind = Literal["cpu", "nvidia"]
 
 SHA256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
@@ -143,7 +143,7 @@ class Profile(_Strict):
     """One way to run a model on one kind of machine."""
 
     id: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
-    engine: EngineName
+    engine: str
     device: DeviceKind = "cpu"
     format: str = "gguf"
     quantization: str | None = None
@@ -153,6 +153,13 @@ class Profile(_Strict):
     source: Source
     defaults: EngineDefaults = Field(default_factory=EngineDefaults)
     description: str = ""
+
+    @field_validator("engine")
+    @classmethod
+    def _known_engine(cls, value: str) -> str:
+        if value not in ENGINES:
+            raise ValueError(f"unknown engine {value!r} (engines: {', '.join(ENGINES)})")
+        return value
 
 
 class Manifest(_Strict):
@@ -177,7 +184,10 @@ class Manifest(_Strict):
         if isinstance(data, dict) and "source" in data and "profiles" not in data:
             data = dict(data)
             source = data.pop("source")
-            engine = data.pop("engine", "encoder" if data.get("task") in ("embedding", "ranking") else "llamacpp")
+            task = data.get("task")
+            engine = data.pop("engine", None) or default_engine(
+                str(task), "gguf" if task in TEXT_TASKS else "safetensors"
+            )
             data["profiles"] = [{"id": f"{engine}-cpu", "engine": engine, "device": "cpu", "source": source}]
         return data
 

@@ -1,18 +1,21 @@
 """The engine protocol: the one seam between the services and any inference library.
 
-Services hand an engine token ids and sampling parameters and read back deltas; they never see llama.cpp, vLLM
-or torch. Engines that serve text implement :class:`TextEngine`; sentence encoders (embeddings, and cross-encoders
-that score query/passage pairs) implement :class:`EncoderEngine`.
+Services hand an engine token ids, sampling parameters and an output constraint (a :class:`Guide`, stated the way
+clients state it) and read back deltas; they never see llama.cpp, vLLM or torch, nor a grammar format. Engines that
+serve text implement :class:`TextEngine`; sentence encoders (embeddings, and cross-encoders that score
+query/passage pairs) implement :class:`EncoderEngine`, and own how their inputs are laid out.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 FinishReason = Literal["stop", "length"]
-Task = Literal["chat", "completion", "embedding", "ranking"]
+GuideKind = Literal["json", "regex", "choice", "grammar", "tool_calls"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,22 +36,45 @@ class SamplingParams:
 
 
 @dataclass(frozen=True, slots=True)
+class Guide:
+    """A constraint on the output, as the client stated it; each engine compiles it its own way.
+
+    ``spec`` by kind: ``json`` a JSON schema (dict); ``regex`` a pattern; ``choice`` a list of strings; ``grammar``
+    a GBNF grammar; ``tool_calls`` a dict with ``functions`` (``[name, parameters schema or None]`` pairs),
+    ``parallel`` (several calls allowed), and ``open``/``close``, the text around each call's
+    ``{"name": ..., "arguments": ...}`` object. ``param`` is the request field that carried it, for errors.
+    With a ``trigger`` the constraint holds from where that text first appears in the output (free text before);
+    without one it holds from the first token.
+    """
+
+    kind: GuideKind
+    spec: Any
+    param: str
+    trigger: str | None = None
+
+    def key(self) -> str:
+        """A stable hash of what the guide constrains, for caching what an engine compiles from it."""
+        text = json.dumps([self.kind, self.spec, self.trigger], sort_keys=True, separators=(",", ":"), default=str)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
 class GenerationRequest:
-    """One sequence to generate: the prompt as token ids, how to sample, and where to stop."""
+    """One sequence to generate: the prompt as token ids, how to sample, where to stop, and what may be output."""
 
     request_id: str
     prompt_tokens: list[int]
     params: SamplingParams
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
-    # A GBNF grammar every choice must follow (already checked with ``TextEngine.check_grammar``).
-    grammar: str | None = None
-    # Regexes that switch the grammar on where they first match in the output; empty: it holds from the start.
-    grammar_triggers: tuple[str, ...] = ()
+    # The constraint every choice must follow (already checked with ``TextEngine.check_guide``).
+    guide: Guide | None = None
     # Report logprobs with this many alternatives per token (0: the sampled token's only); None: no logprobs.
     logprobs: int | None = None
     # Independent choices of the same prompt; the engine prefills the prompt once and shares it.
     n: int = 1
+    # The LoRA adapter to generate with, by the name the engine loaded it under; None: the base model.
+    adapter: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +113,6 @@ class ModelInfo:
     chat_template: str | None
     bos_token: str
     eos_token: str
-    add_bos: bool
     architecture: str
     path: str
 
@@ -125,6 +150,11 @@ class TextEngine(Protocol):
         """Token ids of ``text`` with the model's tokenizer."""
         ...
 
+    def encode_prompt(self, text: str) -> list[int]:
+        """Token ids of a prompt: special-token markup parsed, and the BOS token added where the model wants one,
+        unless the text already starts with it (a chat template that renders its own BOS)."""
+        ...
+
     def token_ids(self, text: str) -> list[int]:
         """Ids of a special-token string (``<end_of_turn>``); empty if the vocabulary lacks it."""
         ...
@@ -133,9 +163,9 @@ class TextEngine(Protocol):
         """Stream deltas of every choice until all finish; closing the iterator cancels the sequences."""
         ...
 
-    async def check_grammar(self, grammar: str, triggers: tuple[str, ...] = ()) -> None:
-        """Compile ``grammar`` (GBNF, lazy when ``triggers`` are given) off the event loop and cache it; raise
-        InvalidRequest if it is invalid."""
+    async def check_guide(self, guide: Guide) -> None:
+        """Compile ``guide`` off the event loop and cache it; raise InvalidRequest (naming ``guide.param``) if the
+        engine cannot enforce it."""
         ...
 
     def stats(self) -> EngineStats:
@@ -163,10 +193,17 @@ class EncoderInfo:
     context_length: int  # most tokens per sequence, special tokens included
     vocab_size: int
     dimensions: int  # embedding width; 1 for a cross-encoder's score
-    cls_id: int
-    sep_id: int
     backend: str
     path: str
+    # The special tokens the model's tokenizer puts before and after one text, and how many a pair adds.
+    single_prefix: tuple[int, ...] = ()
+    single_suffix: tuple[int, ...] = ()
+    pair_overhead: int = 0
+
+    @property
+    def single_overhead(self) -> int:
+        """Special tokens around one text."""
+        return len(self.single_prefix) + len(self.single_suffix)
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,6 +234,15 @@ class EncoderEngine(Protocol):
 
     def tokenize(self, text: str) -> list[int]:
         """Token ids of ``text`` without special tokens and without truncation."""
+        ...
+
+    def single(self, ids: Sequence[int]) -> EncoderInput:
+        """One text's ids laid out as the model's tokenizer lays out a single text (special tokens, segment ids)."""
+        ...
+
+    def pair(self, first: Sequence[int], second: Sequence[int]) -> EncoderInput:
+        """A query/passage pair laid out as the model's tokenizer lays out pairs (BERT: ``[CLS] a [SEP] b [SEP]``
+        with segment ids 0/1; RoBERTa/XLM-R: ``<s> a </s></s> b </s>`` without segment ids)."""
         ...
 
     async def encode(self, inputs: Sequence[EncoderInput]) -> list[list[float]]:

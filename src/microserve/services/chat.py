@@ -7,7 +7,7 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
-from microserve.engines.base import FinishReason, GenerationDelta, GenerationRequest, TokenLogprob
+from microserve.engines.base import FinishReason, GenerationDelta, GenerationRequest, Guide, TokenLogprob
 from microserve.errors import InvalidRequest
 from microserve.protocol.chat import (
     AssistantMessage,
@@ -27,17 +27,8 @@ from microserve.protocol.chat import (
 )
 from microserve.protocol.common import FinishReason as WireFinish
 from microserve.protocol.common import PromptTokensDetails, Usage
-from microserve.services.limits import RequestLimits
-from microserve.services.params import (
-    grammar_for,
-    guides_of,
-    resolve_max_tokens,
-    sampling_params,
-    single_guide,
-    stop_strings,
-)
-from microserve.services.registry import ModelRegistry, ServedModel
-from microserve.services.structured import GrammarBuilder, Guide
+from microserve.services.generation import GenerationService, sampling_params
+from microserve.services.models import ServedModel
 from microserve.services.tools import (
     CallArguments,
     CallStart,
@@ -49,11 +40,6 @@ from microserve.services.tools import (
     plan_tools,
     template_messages,
 )
-
-
-def usage_of(delta: GenerationDelta | None, prompt_tokens: int) -> Usage:
-    """OpenAI usage from the last delta of a sequence."""
-    return usage_of_choices([delta], prompt_tokens)
 
 
 def usage_of_choices(last: Sequence[GenerationDelta | None], prompt_tokens: int) -> Usage:
@@ -121,50 +107,31 @@ def _finish(reason: FinishReason | None, parser: ToolCallParser | None) -> WireF
     return reason
 
 
-class ChatService:
-    """Serves ``/v1/chat/completions`` for every chat-capable model in the registry."""
-
-    def __init__(self, registry: ModelRegistry, limits: RequestLimits | None = None) -> None:
-        self._registry = registry
-        self._limits = limits or RequestLimits()
-        self._grammars = GrammarBuilder()
+class ChatService(GenerationService):
+    """Serves ``/v1/chat/completions`` for every chat-capable model in the table."""
 
     async def prepare(self, request: ChatCompletionRequest) -> PreparedChat:
-        """Render, tokenize, build and check any grammar; raises a ServiceError for anything the client must fix."""
+        """Render, tokenize, check the output constraint; raises a ServiceError for anything the client must fix."""
         requested = request.max_completion_tokens or request.max_tokens
-        self._limits.check(request, messages=len(request.messages), requested_tokens=requested)
-        model = self._registry.get(request.model)
-        engine = model.engine
+        model = self._model(request.model, request, messages=len(request.messages), requested=requested)
+        engine = model.text_engine
         template = model.template
         if request.top_logprobs is not None and not request.logprobs:
             raise InvalidRequest("`top_logprobs` requires `logprobs` to be true", param="top_logprobs")
         plan = plan_tools(request.tools, request.tool_choice, request.parallel_tool_calls)
-        guides = guides_of(request)
-        if request.nvext is not None:
-            guides += guides_of(request.nvext, "nvext.")
-        format_guide = _response_format_guide(request)
-        if format_guide is not None:
-            guides.append(format_guide)
-        guide = single_guide(guides)
+        guide = self._guide(request, _response_format_guide(request))
         if guide is not None and plan.active:
             raise InvalidRequest(
                 f"`{guide.param}` cannot be combined with tool calls; set tool_choice to none", param=guide.param
             )
-        if guide is not None:
-            grammar = await grammar_for(self._grammars, engine, guide)
-        else:
-            grammar = await grammar_for(self._grammars, engine, plan.guide, plan.triggers)
+        guide = await self._checked(model, guide or plan.guide)
         native = template.supports_tools
         messages = template_messages(request.messages, plan, native=native)
         prompt_text = template.render(messages, tools=native_tools(plan) if native else None)
         info = engine.info
-        add_bos = info.add_bos and not (info.bos_token and prompt_text.startswith(info.bos_token))
-        prompt = engine.tokenize(prompt_text, add_special=add_bos)
-        room = info.context_length - len(prompt)
-        if requested is None and room >= 1:
-            requested = self._limits.default_max_tokens(room)
-        max_tokens = resolve_max_tokens(requested, len(prompt), info.context_length)
-        stops = list(stop_strings(request.stop, self._limits.max_stop_sequences))
+        prompt = engine.encode_prompt(prompt_text)
+        max_tokens = self._budget(requested, len(prompt), info.context_length)
+        stops = list(self._stops(request))
         stop_ids: tuple[int, ...] = ()
         if template.end_of_turn:
             stop_ids = tuple(engine.token_ids(template.end_of_turn))
@@ -182,10 +149,10 @@ class ChatService:
                 params=sampling_params(request, max_tokens, info.vocab_size),
                 stop=tuple(stops),
                 stop_token_ids=stop_ids,
-                grammar=grammar,
-                grammar_triggers=plan.triggers if guide is None else (),
+                guide=guide,
                 logprobs=top,
                 n=request.n,
+                adapter=model.adapter,
             ),
             include_usage=bool(request.stream_options and request.stream_options.include_usage),
             tools=plan,
@@ -202,7 +169,7 @@ class ChatService:
         parts: list[list[str]] = [[] for _ in range(n)]
         logprobs: list[list[TokenLogprob]] = [[] for _ in range(n)]
         last: list[GenerationDelta | None] = [None] * n
-        async for delta in prepared.model.engine.generate(prepared.generation):
+        async for delta in prepared.model.text_engine.generate(prepared.generation):
             parts[delta.index].append(delta.text)
             logprobs[delta.index].extend(delta.logprobs or ())
             last[delta.index] = delta
@@ -272,7 +239,7 @@ class ChatService:
         for i in range(n):
             yield chunk(i, ChatDelta(role="assistant", content=""))
         last: list[GenerationDelta | None] = [None] * n
-        async for delta in prepared.model.engine.generate(prepared.generation):
+        async for delta in prepared.model.text_engine.generate(prepared.generation):
             i = delta.index
             last[i] = delta
             pending[i].extend(delta.logprobs or ())

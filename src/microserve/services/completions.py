@@ -16,17 +16,8 @@ from microserve.protocol.common import Usage
 from microserve.protocol.completions import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest
 from microserve.services.chat import usage_of_choices
 from microserve.services.fanout import interleave
-from microserve.services.limits import RequestLimits
-from microserve.services.params import (
-    grammar_for,
-    guides_of,
-    resolve_max_tokens,
-    sampling_params,
-    single_guide,
-    stop_strings,
-)
-from microserve.services.registry import ModelRegistry, ServedModel
-from microserve.services.structured import GrammarBuilder
+from microserve.services.generation import GenerationService, sampling_params
+from microserve.services.models import ServedModel
 
 
 @dataclass(slots=True)
@@ -93,19 +84,13 @@ class _LegacyLogprobs:
         )
 
 
-class CompletionService:
+class CompletionService(GenerationService):
     """Serves ``/v1/completions``."""
-
-    def __init__(self, registry: ModelRegistry, limits: RequestLimits | None = None) -> None:
-        self._registry = registry
-        self._limits = limits or RequestLimits()
-        self._grammars = GrammarBuilder()
 
     async def prepare(self, request: CompletionRequest) -> PreparedCompletion:
         """Tokenize and validate every prompt; raises a ServiceError for anything the client must fix."""
-        self._limits.check(request, requested_tokens=request.max_tokens)
-        model = self._registry.get(request.model)
-        engine = model.engine
+        model = self._model(request.model, request, requested=request.max_tokens)
+        engine = model.text_engine
         info = engine.info
         if request.suffix:
             raise InvalidRequest("`suffix` (fill-in-the-middle) is not supported by this model", param="suffix")
@@ -116,28 +101,24 @@ class CompletionService:
         prompts = [request.prompt] if isinstance(request.prompt, str) else list(request.prompt)
         if not prompts:
             raise InvalidRequest("`prompt` must not be an empty list", param="prompt")
-        guides = guides_of(request)
-        if request.nvext is not None:
-            guides += guides_of(request.nvext, "nvext.")
-        grammar = await grammar_for(self._grammars, engine, single_guide(guides))
-        stops = stop_strings(request.stop, self._limits.max_stop_sequences)
+        guide = await self._checked(model, self._guide(request))
+        stops = self._stops(request)
         request_id = f"cmpl-{uuid.uuid4().hex}"
         generations = []
         for i, text in enumerate(prompts):
-            tokens = engine.tokenize(text, add_special=True)
-            requested = request.max_tokens
-            if requested is None and info.context_length - len(tokens) >= 1:
-                requested = self._limits.default_max_tokens(info.context_length - len(tokens))
-            max_tokens = resolve_max_tokens(requested, len(tokens), info.context_length)
+            tokens = engine.encode_prompt(text)
             generations.append(
                 GenerationRequest(
                     request_id=f"{request_id}-{i}",
                     prompt_tokens=tokens,
-                    params=sampling_params(request, max_tokens, info.vocab_size),
+                    params=sampling_params(
+                        request, self._budget(request.max_tokens, len(tokens), info.context_length), info.vocab_size
+                    ),
                     stop=stops,
-                    grammar=grammar,
+                    guide=guide,
                     logprobs=request.logprobs,
                     n=request.n,
+                    adapter=model.adapter,
                 )
             )
         return PreparedCompletion(
@@ -153,7 +134,7 @@ class CompletionService:
         )
 
     def _streams(self, prepared: PreparedCompletion) -> list[AsyncIterator[GenerationDelta]]:
-        engine = prepared.model.engine
+        engine = prepared.model.text_engine
         return [engine.generate(g) for g in prepared.generations]
 
     def _usage(self, prepared: PreparedCompletion, last: list[GenerationDelta | None]) -> Usage:

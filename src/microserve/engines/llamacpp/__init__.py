@@ -1,0 +1,33 @@
+"""The llama.cpp engine: GGUF models on llama.cpp's C API, with continuous batching."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from microserve.engines.base import TextEngine
+    from microserve.engines.registry import EngineTarget
+    from microserve.settings import Settings
+
+# Used when neither the settings nor the profile say otherwise.
+DEFAULT_PARALLEL = 8
+DEFAULT_BATCH_SIZE = 256
+
+
+def build(target: EngineTarget, settings: Settings) -> TextEngine:
+    """A llama.cpp engine for ``target``: explicit settings first, then the profile's engine defaults."""
+    from microserve.engines.llamacpp.engine import LlamaCppConfig, LlamaCppEngine
+    from microserve.hardware import usable_cores
+
+    return LlamaCppEngine(
+        LlamaCppConfig(
+            path=str(target.path),
+            model_id=target.name,
+            parallel=settings.parallel or target.parallel or DEFAULT_PARALLEL,
+            context_length=settings.context_length or target.context_length,
+            threads=settings.threads or target.threads or usable_cores(),
+            batch_size=settings.batch_size or target.batch_size or DEFAULT_BATCH_SIZE,
+            prefill_chunk=settings.prefill_chunk,
+            prefix_cache=settings.prefix_cache,
+        )
+    )

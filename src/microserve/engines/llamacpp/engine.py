@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import logging
-import os
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from functools import partial
@@ -17,6 +17,7 @@ from microserve.engines.base import (
     FinishReason,
     GenerationDelta,
     GenerationRequest,
+    Guide,
     ModelInfo,
     TokenLogprob,
 )
@@ -24,12 +25,11 @@ from microserve.engines.llamacpp.grammar import GrammarCache, install_log_captur
 from microserve.engines.llamacpp.sampling import SequenceSampler, build_sampler
 from microserve.engines.llamacpp.scheduler import Admitted, Event, Failure, Scheduler, Sequence, Token
 from microserve.engines.llamacpp.sequence import TextAssembler
+from microserve.engines.llamacpp.structured import GrammarBuilder
 from microserve.errors import EngineFailure, InvalidRequest, NotReady
+from microserve.hardware import usable_cores
 
 log = logging.getLogger(__name__)
-
-# llama-cpp-python prints every llama.cpp log line to stderr unless its logger says otherwise.
-logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
 
 DEFAULT_CONTEXT = 4096
 
@@ -48,14 +48,6 @@ class LlamaCppConfig:
     prefix_cache: bool = True
 
 
-def usable_cores() -> int:
-    """CPU cores this process may run on (its affinity mask), at least 1."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
-
-
 class LlamaCppEngine:
     """A :class:`~microserve.engines.base.TextEngine` on llama.cpp's C API with continuous batching."""
 
@@ -69,7 +61,9 @@ class LlamaCppEngine:
         self._pieces: dict[int, bytes] = {}
         self._eog: frozenset[int] = frozenset()
         self._grammars: GrammarCache | None = None
+        self._builder = GrammarBuilder()
         self._n_vocab = 0
+        self._add_bos = False
         self._ready = False
 
     # -- lifecycle --------------------------------------------------------------------------------------------
@@ -144,6 +138,7 @@ class LlamaCppEngine:
         self._ctx = ctx
 
         self._eog = frozenset(t for t in range(n_vocab) if L.llama_vocab_is_eog(vocab, t))
+        self._add_bos = bool(L.llama_vocab_get_add_bos(vocab))
         template = L.llama_model_chat_template(model, None)
         self._info = ModelInfo(
             id=cfg.model_id,
@@ -152,7 +147,6 @@ class LlamaCppEngine:
             chat_template=template.decode("utf-8", errors="replace") if template else None,
             bos_token=self._special_text(L.llama_vocab_bos(vocab)),
             eos_token=self._special_text(L.llama_vocab_eos(vocab)),
-            add_bos=bool(L.llama_vocab_get_add_bos(vocab)),
             architecture=self._meta("general.architecture"),
             path=cfg.path,
         )
@@ -228,6 +222,13 @@ class LlamaCppEngine:
             n = L.llama_tokenize(self._vocab, data, len(data), buf, capacity, add_special, parse_special)
         return list(buf[:n])
 
+    def encode_prompt(self, text: str) -> list[int]:
+        """Token ids of a prompt with its special-token markup parsed; BOS is added where the model wants one,
+        unless the text (a chat template's output) already starts with it."""
+        bos = self._info.bos_token if self._info is not None else ""
+        add_bos = self._add_bos and not (bos and text.startswith(bos))
+        return self.tokenize(text, add_special=add_bos, parse_special=True)
+
     def token_ids(self, text: str) -> list[int]:
         """The id of a special token given as text, or [] if it is not a single token of this vocabulary."""
         ids = self.tokenize(text, add_special=False, parse_special=True)
@@ -246,10 +247,6 @@ class LlamaCppEngine:
             self._pieces[token] = cached
         return cached
 
-    def detokenize(self, tokens: list[int]) -> str:
-        """Text of a token list, as generated text would show it."""
-        return b"".join(self.piece(t) for t in tokens).decode("utf-8", errors="replace")
-
     # -- generation -------------------------------------------------------------------------------------------
 
     def stats(self) -> EngineStats:
@@ -258,11 +255,24 @@ class LlamaCppEngine:
             return EngineStats(0, 0, self.config.parallel, 0, 0, 0, 0)
         return self._scheduler.stats()
 
-    async def check_grammar(self, grammar: str, triggers: tuple[str, ...] = ()) -> None:
-        """Parse ``grammar`` in a worker thread and cache it; a grammar llama.cpp rejects is a 400."""
+    async def check_guide(self, guide: Guide) -> None:
+        """Compile ``guide`` into a GBNF grammar and parse it with llama.cpp, in worker threads, caching both; a
+        guide that cannot be enforced is a 400 naming the field that carried it."""
+        await self._grammar(guide)
+
+    async def _grammar(self, guide: Guide) -> tuple[str, tuple[str, ...]]:
         if self._grammars is None:
             raise NotReady("the model is still loading")
-        await asyncio.to_thread(self._grammars.check, grammar, triggers)
+        triggers = (re.escape(guide.trigger),) if guide.trigger else ()
+        try:
+            grammar = self._builder.cached(guide)
+            if grammar is None:
+                grammar = await asyncio.to_thread(self._builder.build, guide)
+            await asyncio.to_thread(self._grammars.check, grammar, triggers)
+        except InvalidRequest as exc:
+            exc.param = guide.param
+            raise
+        return grammar, triggers
 
     def _token_logprob(self, token: Token) -> TokenLogprob:
         return TokenLogprob(
@@ -291,6 +301,9 @@ class LlamaCppEngine:
                 param="max_tokens",
                 code="context_length_exceeded",
             )
+        if request.adapter is not None:
+            raise InvalidRequest(f"the adapter `{request.adapter}` is not loaded", param="model")
+        grammar, triggers = await self._grammar(request.guide) if request.guide is not None else (None, ())
         n = max(1, request.n)
         queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
         loop = asyncio.get_running_loop()
@@ -303,8 +316,8 @@ class LlamaCppEngine:
                     stop_ids=frozenset(request.stop_token_ids),
                     loop=loop,
                     out=_Tagged(queue, index),
-                    grammar=request.grammar,
-                    grammar_triggers=request.grammar_triggers,
+                    grammar=grammar,
+                    grammar_triggers=triggers,
                     top_logprobs=request.logprobs,
                     fork_from=seqs[0] if index else None,
                 )

@@ -20,7 +20,6 @@ import llama_cpp as L
 from microserve.errors import InvalidRequest
 
 log = logging.getLogger(__name__)
-_llama_logger = logging.getLogger("llama-cpp-python")
 _captured = threading.local()
 
 
@@ -32,8 +31,8 @@ def _log_callback(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
     if lines is not None and level in (3, 4, 5):
         lines.append(message)
         return
-    # Otherwise errors only, unless llama-cpp-python's logger was made verbose.
-    if level == 4 or _llama_logger.level <= logging.INFO:
+    # Otherwise errors only, unless microserve logs at debug level.
+    if level == 4 or log.isEnabledFor(logging.DEBUG):
         print(message, end="", flush=True, file=sys.stderr)
 
 

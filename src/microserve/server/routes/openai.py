@@ -5,19 +5,17 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from microserve.observability.tracing import Tracing
 from microserve.protocol.chat import ChatCompletion, ChatCompletionRequest
-from microserve.protocol.common import ErrorResponse
 from microserve.protocol.completions import Completion, CompletionRequest
 from microserve.protocol.models import ModelCard, ModelList
 from microserve.server.admission import admit, releasing, shed_if_full
+from microserve.server.routes import ERRORS
 from microserve.server.routes.retrieval import encoder_metadata
 from microserve.server.streaming import sse_response, until_disconnect
-from microserve.server.tracing import Tracing
 from microserve.services.chat import ChatService
 from microserve.services.completions import CompletionService
-from microserve.services.registry import EncoderModel, ModelRegistry
-
-ERRORS: dict[int | str, dict] = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 500, 503)}
+from microserve.services.models import ModelTable
 
 router = APIRouter(tags=["openai"], responses=ERRORS)
 
@@ -25,11 +23,11 @@ router = APIRouter(tags=["openai"], responses=ERRORS)
 @router.get("/v1/models", response_model=ModelList)
 async def list_models(request: Request) -> ModelList:
     """The served models."""
-    registry: ModelRegistry = request.app.state.registry
+    models: ModelTable = request.app.state.models
     cards = []
-    for model in registry:
+    for model in models:
         length = model.engine.info.context_length if model.engine.ready else None
-        metadata = encoder_metadata(model) if isinstance(model, EncoderModel) else None
+        metadata = encoder_metadata(model) if model.encodes else None
         cards.append(
             ModelCard(
                 id=model.name,

@@ -11,32 +11,17 @@ error otherwise: microserve never falls back silently from the profile an operat
 
 from __future__ import annotations
 
-import importlib.metadata
-import importlib.util
 from dataclasses import dataclass
 
+from microserve.catalog.errors import CatalogError
 from microserve.catalog.manifest import Manifest, Profile
+from microserve.engines.registry import engine_spec
 from microserve.hardware import Hardware
-
-# The Python distribution each engine needs, and the module that proves it is installed.
-ENGINE_PACKAGES: dict[str, tuple[str, str]] = {
-    "llamacpp": ("llama-cpp-python", "llama_cpp"),
-    "vllm": ("vllm", "vllm"),
-    # The encoder serves with ONNX Runtime (torch only exports a model to ONNX once, in a child process).
-    "encoder": ("onnxruntime", "onnxruntime"),
-}
-
-# The microserve module that drives each engine; a profile whose adapter is absent cannot run in this build.
-ENGINE_ADAPTERS: dict[str, str] = {
-    "llamacpp": "microserve.engines.llamacpp.engine",
-    "vllm": "microserve.engines.vllm",
-    "encoder": "microserve.engines.encoder",
-}
 
 _DEVICE_RANK = {"nvidia": 0, "cpu": 1}
 
 
-class ProfileError(Exception):
+class ProfileError(CatalogError):
     """No usable profile, or the forced one cannot run here."""
 
 
@@ -51,17 +36,6 @@ class ProfileCheck:
     def compatible(self) -> bool:
         """True when nothing rules the profile out."""
         return not self.reasons
-
-
-def engine_version(engine: str) -> str | None:
-    """The installed version of the engine's library, or None when it is not installed."""
-    dist, module = ENGINE_PACKAGES.get(engine, (engine, engine))
-    if importlib.util.find_spec(module) is None:
-        return None
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
 
 
 def check_profile(profile: Profile, hardware: Hardware) -> ProfileCheck:
@@ -86,11 +60,9 @@ def check_profile(profile: Profile, hardware: Hardware) -> ProfileCheck:
     missing = [flag for flag in profile.cpu_flags if flag not in hardware.cpu_flags]
     if missing:
         reasons.append(f"CPU lacks {', '.join(missing)}")
-    if importlib.util.find_spec(ENGINE_ADAPTERS[profile.engine]) is None:
-        reasons.append(f"this microserve build has no {profile.engine} engine")
-    elif engine_version(profile.engine) is None:
-        dist = ENGINE_PACKAGES.get(profile.engine, (profile.engine, ""))[0]
-        reasons.append(f"engine {profile.engine} is not installed (pip package {dist})")
+    unavailable = engine_spec(profile.engine).unavailable()
+    if unavailable is not None:
+        reasons.append(unavailable)
     return ProfileCheck(profile, tuple(reasons))
 
 

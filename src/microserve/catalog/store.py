@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from microserve.catalog.errors import CatalogError
 from microserve.catalog.manifest import (
     HttpSource,
     HuggingFaceSource,
@@ -41,7 +42,7 @@ log = logging.getLogger(__name__)
 _CHUNK = 1 << 20
 
 
-class ArtifactError(Exception):
+class ArtifactError(CatalogError):
     """An artifact is missing, cannot be fetched, or does not match its recorded digest."""
 
 

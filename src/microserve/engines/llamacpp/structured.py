@@ -5,25 +5,21 @@ JSON schemas go through llama-cpp-python's maintained ``SchemaConverter`` (a por
 Before conversion every schema is checked against the subset the converter honours; a keyword it would silently
 ignore is a 400 that names it, so a constrained answer never quietly violates its schema.
 
-Everything here is pure text. Grammars are memoised by a hash of their specification; callers that may miss the
-cache run :func:`build_grammar` in a worker thread.
+Everything here is pure text. Grammars are memoised by a hash of their guide; callers that may miss the cache run
+:meth:`GrammarBuilder.build` in a worker thread.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from llama_cpp.llama_grammar import RESERVED_NAMES, SchemaConverter
 
+from microserve.engines.base import Guide
+from microserve.engines.llamacpp.regex_grammar import RegexError, gbnf_literal, regex_to_gbnf
 from microserve.errors import InvalidRequest
-from microserve.services.regex_grammar import RegexError, gbnf_literal, regex_to_gbnf
-
-GuideKind = Literal["json", "regex", "choice", "grammar", "tools"]
 
 # Annotations: they never constrain the value.
 _ANNOTATIONS = {
@@ -267,12 +263,8 @@ def json_schema_gbnf(schema: Any) -> str:
     return str(converter.format_grammar())
 
 
-TOOL_CALL_OPEN = "<tool_call>\n"
-TOOL_CALL_CLOSE = "\n</tool_call>"
-
-
-def tool_calls_gbnf(functions: list[tuple[str, Any]], *, parallel: bool) -> str:
-    """GBNF text for one (or, with ``parallel``, several) ``<tool_call>{"name", "arguments"}</tool_call>`` blocks.
+def tool_calls_gbnf(functions: list[tuple[str, Any]], *, parallel: bool, open_text: str, close_text: str) -> str:
+    """GBNF text for one (or, with ``parallel``, several) ``open_text {"name", "arguments"} close_text`` blocks.
 
     Each call names one of ``functions`` (name, parameters schema) and its arguments satisfy that schema.
     """
@@ -298,7 +290,7 @@ def tool_calls_gbnf(functions: list[tuple[str, Any]], *, parallel: bool) -> str:
         raise
     except (AssertionError, KeyError, ValueError, TypeError, RecursionError) as exc:
         raise SchemaError(f"the tool parameters cannot be converted to a grammar: {exc}") from exc
-    block = f"{gbnf_literal(TOOL_CALL_OPEN)} {call} {gbnf_literal(TOOL_CALL_CLOSE)}"
+    block = f"{gbnf_literal(open_text)} {call} {gbnf_literal(close_text)}"
     root = f'root ::= {block} ("\\n" {block})*' if parallel else f"root ::= {block}"
     return root + "\n" + str(converter.format_grammar())
 
@@ -321,23 +313,6 @@ def choice_gbnf(choices: list[str]) -> str:
 # -- the cache ------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Guide:
-    """One constraint on the output, as the client specified it."""
-
-    kind: GuideKind
-    spec: Any
-    param: str
-
-    def key(self) -> str:
-        """A stable hash of the specification, for caching the grammar built from it."""
-        try:
-            text = json.dumps([self.kind, self.spec], sort_keys=True, separators=(",", ":"), default=str)
-        except RecursionError as exc:
-            raise SchemaError("the schema is nested too deeply", param=self.param) from exc
-        return hashlib.sha256(text.encode()).hexdigest()
-
-
 class GrammarBuilder:
     """Builds grammars from guides, memoising the most recent ones (an LRU keyed by specification hash)."""
 
@@ -348,8 +323,11 @@ class GrammarBuilder:
 
     def cached(self, guide: Guide) -> str | None:
         """The grammar if it was built before; cheap enough for the event loop."""
-        with self._lock:
+        try:
             key = guide.key()
+        except RecursionError as exc:
+            raise SchemaError("the schema is nested too deeply", param=guide.param) from exc
+        with self._lock:
             grammar = self._cache.get(key)
             if grammar is not None:
                 self._cache.move_to_end(key)
@@ -386,6 +364,12 @@ def _build(guide: Guide) -> str:
         if not isinstance(guide.spec, str) or not guide.spec.strip():
             raise SchemaError("`guided_grammar` must be a non-empty GBNF grammar")
         return guide.spec
-    if guide.kind == "tools":
-        return tool_calls_gbnf([(n, p) for n, p in guide.spec["functions"]], parallel=guide.spec["parallel"])
+    if guide.kind == "tool_calls":
+        spec = guide.spec
+        return tool_calls_gbnf(
+            [(n, p) for n, p in spec["functions"]],
+            parallel=spec["parallel"],
+            open_text=spec["open"],
+            close_text=spec["close"],
+        )
     raise SchemaError(f"unknown guide kind {guide.kind}")

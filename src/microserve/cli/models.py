@@ -3,20 +3,28 @@ model cache, as tables for people and ``--json`` for scripts."""
 
 from __future__ import annotations
 
+import inspect
 import json
-from collections.abc import Callable
-from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import typer
 
+from microserve.cli.options import fail, with_settings
 from microserve.settings import Settings
 
-_JSON = typer.Option("--json", help="Print JSON for scripts.")
-_PROFILE = typer.Option(help="Force a profile id; an incompatible one is an error.")
-_OFFLINE = typer.Option("--offline/--online", help="Never touch the network; use cached artifacts only.")
-_CATALOG = typer.Option(help="Folder of extra model manifests (*.yaml).")
-_CACHE = typer.Option(help="Model cache [~/.cache/microserve].")
+_AS_JSON = inspect.Parameter(
+    "as_json",
+    inspect.Parameter.KEYWORD_ONLY,
+    default=False,
+    annotation=Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")],
+)
+
+
+def _model_argument(help_text: str, *, required: bool) -> inspect.Parameter:
+    kind: Any = str if required else str | None
+    annotation = Annotated[kind, typer.Argument(help=help_text)]
+    default = inspect.Parameter.empty if required else None
+    return inspect.Parameter("model", inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
 
 
 def _human(size: int) -> str:
@@ -40,20 +48,16 @@ def _print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
     Console(width=max(160, Console().width)).print(table)
 
 
-def register(app: typer.Typer, make_settings: Callable[..., Settings], fail: Callable[[str], NoReturn]) -> None:
-    """Add the model commands to ``app``; ``make_settings`` turns flags into Settings, ``fail`` exits with 2."""
+def register(app: typer.Typer) -> None:
+    """Add the model commands to ``app``."""
 
     @app.command()
-    def models(
-        as_json: Annotated[bool, _JSON] = False,
-        cache_dir: Annotated[Path | None, _CACHE] = None,
-        catalog_dir: Annotated[Path | None, _CATALOG] = None,
-    ) -> None:
+    @with_settings(["cache_dir", "catalog_dir"], extra=[_AS_JSON])
+    def models(settings: Settings, as_json: bool = False) -> None:
         """The model catalog and what is in the cache, with sizes."""
         from microserve.catalog.manifest import catalog
-        from microserve.store import ModelStore
+        from microserve.catalog.store import ModelStore
 
-        settings = make_settings(cache_dir=cache_dir, catalog_dir=catalog_dir)
         store = ModelStore(settings.cache_dir)
         cached = store.cached()
         entries: list[dict[str, Any]] = []
@@ -104,27 +108,25 @@ def register(app: typer.Typer, make_settings: Callable[..., Settings], fail: Cal
         )
 
     @app.command()
-    def profiles(
-        model: Annotated[
-            str | None, typer.Argument(help="Catalog id, GGUF path or hf://... (default: every catalog model)")
-        ] = None,
-        profile: Annotated[str | None, _PROFILE] = None,
-        as_json: Annotated[bool, _JSON] = False,
-        cache_dir: Annotated[Path | None, _CACHE] = None,
-        catalog_dir: Annotated[Path | None, _CATALOG] = None,
-    ) -> None:
+    @with_settings(
+        ["profile", "cache_dir", "catalog_dir"],
+        extra=[
+            _model_argument("Catalog id, GGUF path or hf://... (default: every catalog model)", required=False),
+            _AS_JSON,
+        ],
+    )
+    def profiles(settings: Settings, model: str | None = None, as_json: bool = False) -> None:
         """Every profile of a model with compatible/incompatible and why, the selected one marked."""
         from microserve import hardware
         from microserve.catalog.manifest import catalog
-        from microserve.catalog.resolve import plan_model
-        from microserve.profiles import ProfileError, check_all, select_profile
-        from microserve.store import ArtifactError, ModelStore
+        from microserve.catalog.profiles import ProfileError, check_all, select_profile
+        from microserve.catalog.resolve import lookup
+        from microserve.catalog.store import ArtifactError, ModelStore
 
-        settings = make_settings(cache_dir=cache_dir, catalog_dir=catalog_dir, profile=profile)
         store = ModelStore(settings.cache_dir)
         machine = hardware.probe()
         try:
-            manifests = [plan_model(model, settings.catalog_dir)] if model else catalog(settings.catalog_dir)
+            manifests = [lookup(model, None, settings.catalog_dir).manifest] if model else catalog(settings.catalog_dir)
         except ArtifactError as exc:
             fail(str(exc))
         report: list[dict[str, Any]] = []
@@ -190,30 +192,26 @@ def register(app: typer.Typer, make_settings: Callable[..., Settings], fail: Cal
             fail("; ".join(errors))
 
     @app.command()
-    def pull(
-        model: Annotated[str, typer.Argument(help="Catalog id or hf://owner/repo/file.gguf.")],
-        profile: Annotated[
-            str | None, typer.Option(help="Profile to fetch (default: the one selected for this machine).")
-        ] = None,
-        cache_dir: Annotated[Path | None, _CACHE] = None,
-        catalog_dir: Annotated[Path | None, _CATALOG] = None,
-        offline: Annotated[bool | None, _OFFLINE] = None,
-    ) -> None:
-        """Download a model's artifact into the cache and verify it (a verified cached one is not fetched again)."""
+    @with_settings(
+        ["profile", "cache_dir", "catalog_dir", "offline"],
+        extra=[_model_argument("Catalog id or hf://owner/repo/file.gguf.", required=True)],
+    )
+    def pull(settings: Settings, model: str) -> None:
+        """Download a model's artifact into the cache and verify it (a verified cached one is not fetched again).
+        With --profile, that profile is fetched even if it cannot run on this machine (a note says why)."""
         import logging
         import sys
 
         from microserve import hardware
-        from microserve.catalog.resolve import plan_model
-        from microserve.profiles import ProfileError, check_profile, select_profile
-        from microserve.store import ArtifactError, ModelStore, artifact_size, sha256_file
+        from microserve.catalog.profiles import ProfileError, check_profile, select_profile
+        from microserve.catalog.resolve import lookup
+        from microserve.catalog.store import ArtifactError, ModelStore, artifact_size, sha256_file
 
-        settings = make_settings(cache_dir=cache_dir, catalog_dir=catalog_dir, offline=offline)
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
         machine = hardware.probe()
         try:
-            manifest = plan_model(model, settings.catalog_dir)
-            wanted = profile or settings.profile
+            manifest = lookup(model, None, settings.catalog_dir).manifest
+            wanted = settings.profile
             if wanted:
                 # Fetching for another machine is legitimate: pull any profile, and say when it cannot run here.
                 chosen = manifest.profile(wanted)

@@ -1,15 +1,16 @@
-"""Turning request fields into engine parameters, with the checks that need the model."""
+"""What chat and completions prepare alike: the model, the output constraint, stop strings, the completion budget
+and the sampling parameters, with every check a client must pass before its request is admitted."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Any
 
-from microserve.engines.base import SamplingParams, TextEngine
+from microserve.engines.base import Guide, SamplingParams
 from microserve.errors import InvalidRequest
 from microserve.protocol.common import MAX_STOP_SEQUENCES, GuidedFields, SamplingFields
-from microserve.services.structured import GrammarBuilder, Guide
+from microserve.services.limits import RequestLimits
+from microserve.services.models import ModelTable, ServedModel
 
 
 def stop_strings(stop: str | list[str] | None, limit: int = MAX_STOP_SEQUENCES) -> tuple[str, ...]:
@@ -117,19 +118,43 @@ def single_guide(guides: list[Guide]) -> Guide | None:
     return guides[0] if guides else None
 
 
-async def grammar_for(
-    builder: GrammarBuilder, engine: TextEngine, guide: Guide | None, triggers: tuple[str, ...] = ()
-) -> str | None:
-    """The checked GBNF grammar for ``guide``: built in a worker thread unless cached, then compiled by the
-    engine (also off the event loop). Any problem is a 400 naming the field that carried the constraint."""
-    if guide is None:
-        return None
-    grammar = builder.cached(guide)
-    try:
-        if grammar is None:
-            grammar = await asyncio.to_thread(builder.build, guide)
-        await engine.check_grammar(grammar, triggers)
-    except InvalidRequest as exc:
-        exc.param = guide.param
-        raise
-    return grammar
+class GenerationService:
+    """The preparation every text-generating route shares; chat and completions build on it."""
+
+    def __init__(self, models: ModelTable, limits: RequestLimits | None = None) -> None:
+        self._models = models
+        self._limits = limits or RequestLimits()
+
+    def _model(
+        self, name: str, request: SamplingFields, *, messages: int | None = None, requested: int | None
+    ) -> ServedModel:
+        """The text model called ``name``, once the request is within the operator's limits."""
+        self._limits.check(request, messages=messages, requested_tokens=requested)
+        return self._models.text(name)
+
+    @staticmethod
+    def _guide(request: SamplingFields, extra: Guide | None = None) -> Guide | None:
+        """The one output constraint of the request: top level, ``nvext``, or ``extra`` (a response format)."""
+        guides = guides_of(request)
+        if request.nvext is not None:
+            guides += guides_of(request.nvext, "nvext.")
+        if extra is not None:
+            guides.append(extra)
+        return single_guide(guides)
+
+    @staticmethod
+    async def _checked(model: ServedModel, guide: Guide | None) -> Guide | None:
+        """``guide`` once the model's engine has compiled it (a 400 naming its field if it cannot)."""
+        if guide is not None:
+            await model.text_engine.check_guide(guide)
+        return guide
+
+    def _budget(self, requested: int | None, prompt_tokens: int, context_length: int) -> int:
+        """The completion budget: as requested (or the operator's default) if it fits the context, else a 400."""
+        room = context_length - prompt_tokens
+        if requested is None and room >= 1:
+            requested = self._limits.default_max_tokens(room)
+        return resolve_max_tokens(requested, prompt_tokens, context_length)
+
+    def _stops(self, request: SamplingFields) -> tuple[str, ...]:
+        return stop_strings(request.stop, self._limits.max_stop_sequences)

@@ -1,0 +1,123 @@
+"""The one table of engines: what each serves, what installs it, whether it can run here, and how to build it.
+
+Manifests, profiles, the app, ``/v1/metadata`` and the CLI read this table; no other module spells an engine name.
+An engine's adapter module (``microserve.engines.<name>``) exposes ``build(target, settings)``; it is imported only
+when an engine is built, so a build without an optional engine library still starts and says what is missing.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from microserve.engines.base import EncoderEngine, TextEngine
+    from microserve.settings import Settings
+
+Task = Literal["chat", "completion", "embedding", "ranking"]
+TEXT_TASKS: frozenset[str] = frozenset({"chat", "completion"})
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSpec:
+    """One engine: its tasks, the artifact formats it reads, and its library (the pip package and the module whose
+    presence proves it is installed). Its adapter is the microserve module ``microserve.engines.<name>``."""
+
+    name: str
+    tasks: frozenset[str]
+    formats: frozenset[str]
+    distribution: str
+    module: str
+    extra: str | None = None  # the microserve extra that installs the library; None: a core dependency
+
+    @property
+    def adapter(self) -> str:
+        """The microserve module that drives the library and builds the engine."""
+        return f"microserve.engines.{self.name}"
+
+    def adapter_present(self) -> bool:
+        """Whether this microserve build carries the engine's adapter."""
+        return importlib.util.find_spec(self.adapter) is not None
+
+    def library_version(self) -> str | None:
+        """The installed version of the engine library, or None when it is not installed."""
+        if importlib.util.find_spec(self.module) is None:
+            return None
+        try:
+            return importlib.metadata.version(self.distribution)
+        except importlib.metadata.PackageNotFoundError:
+            return "unknown"
+
+    def unavailable(self) -> str | None:
+        """Why the engine cannot run in this installation, or None when it can."""
+        if not self.adapter_present():
+            return f"this microserve build has no {self.name} engine"
+        if self.library_version() is None:
+            hint = f"pip install 'microserve[{self.extra}]'" if self.extra else f"pip package {self.distribution}"
+            return f"engine {self.name} is not installed ({hint})"
+        return None
+
+
+_TEXT = frozenset(TEXT_TASKS)
+_ENCODER = frozenset({"embedding", "ranking"})
+ENGINES: dict[str, EngineSpec] = {
+    spec.name: spec
+    for spec in (
+        EngineSpec("llamacpp", _TEXT, frozenset({"gguf"}), "llama-cpp-python", "llama_cpp"),
+        EngineSpec("vllm", _TEXT, frozenset({"safetensors"}), "vllm", "vllm", extra="vllm"),
+        # Serves with ONNX Runtime; torch only exports a model to ONNX once, in a child process.
+        EngineSpec("encoder", _ENCODER, frozenset({"safetensors", "pytorch"}), "onnxruntime", "onnxruntime"),
+    )
+}
+
+
+class UnknownEngine(ValueError):
+    """A name that is not in the engine table."""
+
+
+def engine_spec(name: str) -> EngineSpec:
+    """The table entry of ``name``; raises UnknownEngine naming the known engines."""
+    spec = ENGINES.get(name)
+    if spec is None:
+        raise UnknownEngine(f"unknown engine {name!r} (engines: {', '.join(ENGINES)})")
+    return spec
+
+
+def default_engine(task: str, artifact_format: str) -> str:
+    """The first engine of the table that serves ``task`` from an artifact of ``artifact_format``."""
+    for spec in ENGINES.values():
+        if task in spec.tasks and artifact_format in spec.formats:
+            return spec.name
+    raise UnknownEngine(f"no engine serves {task} from {artifact_format} artifacts")
+
+
+@dataclass(frozen=True, slots=True)
+class EngineTarget:
+    """What an engine is built for: the name it serves under, the local artifact, the task, and the engine settings
+    its profile suggests (explicit settings win over them)."""
+
+    engine: str
+    name: str
+    path: Path
+    task: str
+    threads: int | None = None
+    parallel: int | None = None
+    batch_size: int | None = None
+    context_length: int | None = None
+
+
+def build_engine(target: EngineTarget, settings: Settings) -> TextEngine | EncoderEngine:
+    """An engine for ``target``, from the adapter module its table entry names."""
+    spec = engine_spec(target.engine)
+    reason = spec.unavailable()
+    if reason is not None:
+        raise RuntimeError(f"{target.name} needs the {spec.name} engine: {reason}")
+    if target.task not in spec.tasks:
+        raise RuntimeError(f"the {spec.name} engine does not serve {target.task} models ({target.name})")
+    adapter = importlib.import_module(spec.adapter)
+    engine: TextEngine | EncoderEngine = adapter.build(target, settings)
+    return engine
