@@ -96,7 +96,7 @@ def build_xlmr_embedder(folder: Path, *, max_tokens: int = 40) -> Path:
     torch.manual_seed(2)
     XLMRobertaModel(_xlmr_config(len(tokenizer), max_tokens)).eval().save_pretrained(str(raw))  # type: ignore[arg-type]
     word = models.Transformer(str(raw), max_seq_length=max_tokens)
-    pooling = models.Pooling(word.get_word_embedding_dimension(), pooling_mode="mean")
+    pooling = models.Pooling(word.get_embedding_dimension(), pooling_mode="mean")
     SentenceTransformer(modules=[word, pooling]).save(str(folder))
     assert (folder / "tokenizer.json").is_file() and (folder / "modules.json").is_file()
     return folder
