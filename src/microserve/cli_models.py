@@ -199,12 +199,15 @@ def register(app: typer.Typer, make_settings: Callable[..., Settings], fail: Cal
         catalog_dir: Annotated[Path | None, _CATALOG] = None,
         offline: Annotated[bool | None, _OFFLINE] = None,
     ) -> None:
-        """Download a model's artifact into the cache and verify it (a verified cached one is not fetched again)."""
+        """Download a model's artifact into the cache and verify it (a verified cached one is not fetched again); an
+        embedding or ranking model is also exported to ONNX there, as serving it would on its first start."""
         import logging
         import sys
 
         from microserve import hardware
         from microserve.catalog.resolve import plan_model
+        from microserve.engines.base import EncoderKind
+        from microserve.engines.encoder.onnx_export import ExportError, exported_model
         from microserve.profiles import ProfileError, check_profile, select_profile
         from microserve.store import ArtifactError, ModelStore, artifact_size, sha256_file
 
@@ -227,7 +230,12 @@ def register(app: typer.Typer, make_settings: Callable[..., Settings], fail: Cal
             else:
                 chosen = select_profile(manifest, machine)
             path = ModelStore(settings.cache_dir, offline=settings.offline).ensure(manifest, chosen)
-        except (ArtifactError, ProfileError, OSError) as exc:
+            if chosen.engine == "encoder":
+                # The encoder serves an ONNX export kept in the cache: making it here spares the first start the
+                # export, so an image or an offline host starts with the model ready.
+                kind: EncoderKind = "cross-encoder" if manifest.task == "ranking" else "embedding"
+                typer.echo(f"{manifest.id}: ONNX graph {exported_model(path, kind, settings.cache_dir)}")
+        except (ArtifactError, ProfileError, OSError, ExportError) as exc:
             fail(str(exc))
         digest = sha256_file(path) if path.is_file() else "(directory)"
         typer.echo(f"{manifest.id} ({chosen.id}): {path} {artifact_size(path)} bytes sha256 {digest}")
