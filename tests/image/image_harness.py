@@ -7,8 +7,8 @@ user, environment). What the build needs from the host comes in through ``--volu
 bundle and indexes the host's pip is configured with, and a wheel cache. None of it is in the Dockerfile.
 
 Slow steps are cached between local runs under ``MICROSERVE_IMAGE_TEST_CACHE`` (default
-``~/.cache/microserve-image-test``): the debootstrapped root filesystem and base image, pip's cache (keyed by the
-Dockerfile, so a change of its build flags never reuses a wheel built with other ones), and buildah's layers.
+``~/.cache/microserve-image-test``): the debootstrapped root filesystem and base image, pip's cache (kept per
+compiler and llama.cpp flags, so a change of them never reuses a wheel built another way), and buildah's layers.
 """
 
 from __future__ import annotations
@@ -205,7 +205,19 @@ class PipPassThrough:
 _PASSED = ("index-url", "extra-index-url", "find-links", "cert", "client-cert", "constraint", "trusted-host")
 
 
-def pip_pass_through(settings: dict[str, str]) -> PipPassThrough:
+def build_flags_key(base: str) -> str:
+    """What decides how the Dockerfile compiles wheels: its compiler packages and llama.cpp flags, and the base.
+
+    pip's cache knows a built wheel by its source alone, so the cache is kept per key: a change of flags (or of the
+    compiler) builds afresh rather than reusing a wheel built another way.
+    """
+    lines = [
+        line for line in DOCKERFILE.read_text().splitlines() if "LLAMA_CMAKE_ARGS" in line or "build-essential" in line
+    ]
+    return _digest(base, *lines)
+
+
+def pip_pass_through(settings: dict[str, str], base: str) -> PipPassThrough:
     """Mounts and build arguments mirroring ``settings``, plus a pip cache kept between local runs."""
     lent = PipPassThrough()
     for key in _PASSED:
@@ -214,7 +226,7 @@ def pip_pass_through(settings: dict[str, str]) -> PipPassThrough:
             lent.build_args[f"PIP_{key.upper().replace('-', '_')}"] = " ".join(lent.local(t) for t in value.split())
     if settings.get("default-timeout"):
         lent.build_args["PIP_DEFAULT_TIMEOUT"] = settings["default-timeout"]
-    cache = CACHE / f"pip-{_digest(DOCKERFILE.read_bytes())}"
+    cache = CACHE / f"pip-{build_flags_key(base)}"
     cache.mkdir(parents=True, exist_ok=True)
     lent.volumes[str(cache)] = f"{BUILD_HOST}/pip-cache"
     lent.build_args["PIP_CACHE_DIR"] = f"{BUILD_HOST}/pip-cache"
@@ -232,7 +244,7 @@ def project_version() -> str:
 
 def build_image(base: str, log: Path) -> str:
     """Build deploy/docker/Dockerfile on ``base`` with the host's pip settings; return the image's tag."""
-    lent = pip_pass_through(host_pip_settings())
+    lent = pip_pass_through(host_pip_settings(), base)
     revision = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     run(
         [
