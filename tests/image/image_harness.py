@@ -56,6 +56,8 @@ _CLONE_NEWNET = 0x40000000
 
 # Seconds each slow step took in this run, printed at the end of the session.
 TIMINGS: dict[str, float] = {}
+# The build arguments the image was built with in this run (the labels must say the same).
+BUILT_WITH: dict[str, str] = {}
 
 
 class HarnessError(RuntimeError):
@@ -246,6 +248,7 @@ def build_image(base: str, log: Path) -> str:
     """Build deploy/docker/Dockerfile on ``base`` with the host's pip settings; return the image's tag."""
     lent = pip_pass_through(host_pip_settings(), base)
     revision = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    BUILT_WITH.update(BASE_IMAGE=base, VERSION=project_version(), REVISION=revision or "unknown")
     run(
         [
             "buildah",
@@ -261,12 +264,7 @@ def build_image(base: str, log: Path) -> str:
             str(DOCKERFILE),
             "--tag",
             TAG,
-            "--build-arg",
-            f"BASE_IMAGE={base}",
-            "--build-arg",
-            f"VERSION={project_version()}",
-            "--build-arg",
-            f"REVISION={revision or 'unknown'}",
+            *[option for name, value in BUILT_WITH.items() for option in ("--build-arg", f"{name}={value}")],
             *lent.options(),
             str(REPO),
         ],
