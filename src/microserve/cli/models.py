@@ -197,15 +197,18 @@ def register(app: typer.Typer) -> None:
         extra=[_model_argument("Catalog id or hf://owner/repo/file.gguf.", required=True)],
     )
     def pull(settings: Settings, model: str) -> None:
-        """Download a model's artifact into the cache and verify it (a verified cached one is not fetched again).
-        With --profile, that profile is fetched even if it cannot run on this machine (a note says why)."""
+        """Download a model's artifact into the cache and verify it (a verified cached one is not fetched again); do
+        the one-time work its engine would do on a first start (an encoder's ONNX export). With --profile, that
+        profile is fetched even if it cannot run on this machine (a note says why)."""
         import logging
         import sys
 
         from microserve import hardware
-        from microserve.catalog.profiles import ProfileError, check_profile, select_profile
+        from microserve.catalog.errors import CatalogError
+        from microserve.catalog.profiles import check_profile, select_profile
         from microserve.catalog.resolve import lookup
-        from microserve.catalog.store import ArtifactError, ModelStore, artifact_size, sha256_file
+        from microserve.catalog.store import ModelStore, artifact_size, sha256_file
+        from microserve.engines.registry import EngineTarget, prepare_engine
 
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
         machine = hardware.probe()
@@ -225,7 +228,12 @@ def register(app: typer.Typer) -> None:
             else:
                 chosen = select_profile(manifest, machine)
             path = ModelStore(settings.cache_dir, offline=settings.offline).ensure(manifest, chosen)
-        except (ArtifactError, ProfileError, OSError) as exc:
+            # Done here, an image or an offline host starts with the model ready.
+            target = EngineTarget(engine=chosen.engine, name=manifest.id, path=path, task=manifest.task)
+            prepared = prepare_engine(target, settings)
+            if prepared is not None:
+                typer.echo(f"{manifest.id}: prepared {prepared}")
+        except (CatalogError, OSError, RuntimeError) as exc:
             fail(str(exc))
         digest = sha256_file(path) if path.is_file() else "(directory)"
         typer.echo(f"{manifest.id} ({chosen.id}): {path} {artifact_size(path)} bytes sha256 {digest}")

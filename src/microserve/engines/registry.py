@@ -110,6 +110,21 @@ class EngineTarget:
     context_length: int | None = None
 
 
+def prepare_engine(target: EngineTarget, settings: Settings) -> Path | None:
+    """Do the one-time work the engine would do on its first start (an encoder's ONNX export) and return what it
+    made, or None when the engine needs none. Raises RuntimeError when the work fails."""
+    spec = engine_spec(target.engine)
+    reason = spec.unavailable()
+    if reason is not None:
+        raise RuntimeError(f"{target.name} needs the {spec.name} engine: {reason}")
+    adapter = importlib.import_module(spec.adapter)
+    prepare = getattr(adapter, "prepare", None)
+    if prepare is None:
+        return None
+    made: Path = prepare(target, settings)
+    return made
+
+
 def build_engine(target: EngineTarget, settings: Settings) -> TextEngine | EncoderEngine:
     """An engine for ``target``, from the adapter module its table entry names."""
     spec = engine_spec(target.engine)

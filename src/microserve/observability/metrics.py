@@ -42,6 +42,9 @@ class _LoadCollector(Collector):
             prefix.add_metric([name], stats.prefix_hit_tokens)
         encoders = self._collect_encoders(self._encoders, running, waiting) if self._encoders is not None else []
         yield from (running, waiting, kv, prefix, *encoders)
+        # The Gateway API Inference Extension's endpoint picker reads a server's load under vLLM's names: the same
+        # samples under those names let such a gateway route to microserve.
+        yield from (_renamed(family, f"vllm:{family.name}") for family in (running, waiting, kv))
 
     @staticmethod
     def _collect_encoders(
@@ -63,6 +66,12 @@ class _LoadCollector(Collector):
             inputs.add_metric([name], stats.inputs)
             batch.add_metric([name], stats.inputs / stats.forward_passes if stats.forward_passes else 0.0)
         return [passes, inputs, batch]
+
+
+def _renamed(family: GaugeMetricFamily, name: str) -> GaugeMetricFamily:
+    copy = GaugeMetricFamily(name, family.documentation)
+    copy.samples = [sample._replace(name=name) for sample in family.samples]
+    return copy
 
 
 class Metrics:

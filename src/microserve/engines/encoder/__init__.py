@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -28,3 +29,10 @@ def build(target: EngineTarget, settings: Settings) -> EncoderEngine:
             workers=settings.encoder_workers,
         )
     )
+
+
+def prepare(target: EngineTarget, settings: Settings) -> Path:
+    """Export the model to ONNX into the cache, as the engine does on its first start; the exported file."""
+    from microserve.engines.encoder.onnx_export import exported_model
+
+    return exported_model(target.path, "cross-encoder" if target.task == "ranking" else "embedding", settings.cache_dir)
