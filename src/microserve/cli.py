@@ -272,6 +272,7 @@ def version() -> None:
 from microserve.cli_models import register as _register_model_commands  # noqa: E402
 
 _register_model_commands(app, _settings, _fail)
+__import__("microserve.finetune.command", fromlist=["register"]).register(app)  # `microserve tune`
 
 
 def main() -> None:
