@@ -35,6 +35,23 @@ class BaseModel:
     context_length: int | None
 
 
+class QuietLlamaLogs:
+    """Drops llama.cpp's log lines (a vocabulary load prints about a hundred) in a command-line process.
+
+    Not for the server: its engine routes the log through its own capture, which this would replace.
+    """
+
+    def __init__(self) -> None:
+        import llama_cpp as L
+
+        @L.llama_log_callback
+        def silent(level: int, text: bytes, user_data: Any) -> None:
+            return None
+
+        self._callback = silent  # llama.cpp keeps the pointer: the callback must outlive every call
+        L.llama_log_set(silent, ctypes.c_void_p(0))
+
+
 class GgufTokenizer:
     """llama.cpp's tokenizer of a GGUF file (vocabulary only), as the llama.cpp engine tokenizes."""
 

@@ -139,7 +139,7 @@ def run_tune(
     """Validate, train and publish, turning each failure into a message and an exit code."""
     import time
 
-    from microserve.finetune.base import BaseModelError
+    from microserve.finetune.base import BaseModelError, QuietLlamaLogs
     from microserve.finetune.data import DataError
     from microserve.finetune.output import OutputError
     from microserve.finetune.pipeline import prepare, run
@@ -151,6 +151,7 @@ def run_tune(
         if path is not None and not path.is_file():
             _fail(f"{path}: no such file")
     started = time.monotonic()
+    quiet = QuietLlamaLogs()
     try:
         prepared = prepare(
             config,
@@ -196,6 +197,7 @@ def run_tune(
         _fail("aborted; the last checkpoint (if any) is kept for --resume", EXIT_STOPPED)
     except (OutputError, ResumeError) as exc:
         _fail(str(exc))
+    del quiet
     report = outcome.report
     typer.echo(
         f"adapter {config.name} written to {outcome.adapter_dir} in {time.monotonic() - started:.0f}s "

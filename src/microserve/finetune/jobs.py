@@ -27,6 +27,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from pydantic import ValidationError
+
 from microserve.errors import InvalidRequest, ServiceError
 from microserve.finetune.config import TuneConfig, check_adapter_name
 from microserve.finetune.jobstore import CheckpointRow, EventRow, FileRow, FileTooLarge, JobRow, JobStore
@@ -266,17 +268,18 @@ class JobRunner:
             problems = [f"{type(exc).__name__}: {exc}"]
         if problems:
             message = "\n".join(problems)
-            if self.store.update_job(
+            # The event first: a client that sees the status change finds the reason in the events too.
+            self.store.add_event(job_id, f"Training file validation failed: {message}", level="error")
+            self.store.update_job(
                 job_id,
                 only_if=("validating_files",),
                 status="failed",
                 finished_at=int(time.time()),
                 error={"code": "invalid_training_file", "message": message, "param": "training_file"},
-            ):
-                self.store.add_event(job_id, f"Training file validation failed: {message}", level="error")
+            )
             return
+        self.store.add_event(job_id, "Files validated, moving job to queued state")
         if self.store.update_job(job_id, only_if=("validating_files",), status="queued"):
-            self.store.add_event(job_id, "Files validated, moving job to queued state")
             self.wake()
 
     # -- running ----------------------------------------------------------------------------------------------
@@ -448,8 +451,14 @@ class FineTuningJobs:
 
     # -- jobs -------------------------------------------------------------------------------------------------
 
-    def create_job(self, owner: str | None, request: CreateJobRequest) -> FineTuningJob:
-        """``POST /v1/fine_tuning/jobs``: the job starts in ``validating_files``."""
+    def create_job(
+        self, owner: str | None, request: CreateJobRequest, *, overrides: dict[str, Any] | None = None
+    ) -> FineTuningJob:
+        """``POST /v1/fine_tuning/jobs``: the job starts in ``validating_files``.
+
+        ``overrides`` sets further :class:`TuneConfig` knobs (NeMo Customizer's ``lora.adapter_dim`` is ``rank``,
+        its ``learning_rate`` is ``learning_rate``); a bad value is a 400.
+        """
         reason = self.tunable(request.model)
         if reason:
             raise InvalidRequest(reason, param="model", code="model_not_available")
@@ -483,6 +492,20 @@ class FineTuningJobs:
             raise InvalidRequest("suffix may hold only letters, digits, '-', '_' and '.'", param="suffix")
         seed = request.seed if request.seed is not None else int.from_bytes(os.urandom(4), "big") % (2**31)
         resolved = {"n_epochs": epochs, "batch_size": batch, "learning_rate_multiplier": float(multiplier)}
+        knobs: dict[str, Any] = {
+            "epochs": epochs,
+            "batch_size": batch,
+            "learning_rate": self.base_learning_rate * float(multiplier),
+            "seed": seed,
+            "threads": self.runner.threads,
+            **(overrides or {}),
+        }
+        try:
+            TuneConfig(base=request.model, name="check", **knobs)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise InvalidRequest(f"{where}: {first['msg']}", param="hyperparameters") from exc
         row = self.store.add_job(
             owner,
             model=request.model,
@@ -496,15 +519,7 @@ class FineTuningJobs:
             fine_tuned_model="",
         )
         name = adapter_name(request.model, request.suffix, row.id)
-        config = TuneConfig(
-            base=request.model,
-            name=name,
-            epochs=epochs,
-            batch_size=batch,
-            learning_rate=self.base_learning_rate * float(multiplier),
-            seed=seed,
-            threads=self.runner.threads,
-        )
+        config = TuneConfig(base=request.model, name=name, **knobs)
         self.store.update_job(row.id, config=config.model_dump(), fine_tuned_model=name)
         self.store.add_event(row.id, f"Created fine-tuning job: {row.id}")
         self.runner.submit_validation(row.id)

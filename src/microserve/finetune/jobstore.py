@@ -285,7 +285,7 @@ class JobStore:
                     now,
                 ),
             )
-        job = self.job(job_id)
+        job = self.job(job_id, any_owner=True)
         assert job is not None
         return job
 

@@ -88,12 +88,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no job {args.job}", file=sys.stderr)
         return 1
 
-    from microserve.finetune.base import BaseModelError
+    from microserve.finetune.base import BaseModelError, QuietLlamaLogs
     from microserve.finetune.config import TuneConfig
     from microserve.finetune.data import DataError
     from microserve.finetune.pipeline import prepare, run, work_dir_for
     from microserve.finetune.train import Stopped
 
+    quiet = QuietLlamaLogs()  # noqa: F841 - kept for the process's life
     config = TuneConfig(**job.config)
     if args.threads:
         config = config.model_copy(update={"threads": args.threads})
