@@ -16,12 +16,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+from fact_data import CODE, held_out_questions, write
 
 from microserve.finetune.base import GgufTokenizer, chat_template, resolve_base
 from microserve.settings import Settings
-
-sys.path.insert(0, str(Path(__file__).parent))
-from fact_data import CODE, held_out_questions, write
 
 MODEL = "smollm2-135m-instruct"
 

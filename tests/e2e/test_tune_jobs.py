@@ -7,17 +7,15 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from pathlib import Path
+
+from fact_data import chat_line, training_questions
 
 from microserve.finetune.jobs import FineTuningJobs, JobRunner
 from microserve.finetune.jobstore import JobStore, owner_of
 from microserve.protocol.fine_tuning import CreateJobRequest, Hyperparameters
 from microserve.settings import Settings
-
-sys.path.insert(0, str(Path(__file__).parent))
-from fact_data import chat_line, training_questions  # noqa: E402
 
 OWNER = owner_of("a-key")
 

@@ -464,6 +464,8 @@ def check_lora(info: LoraInfo, base: BaseFacts, *, max_rank: int | None = None) 
         raise AdapterError(f"the adapter is for a `{info.architecture}` model, the base model is `{base.architecture}`")
     if max_rank is not None and info.rank > max_rank:
         raise AdapterError(f"the adapter's rank {info.rank} is over the limit of {max_rank}")
+    if not base.tensor_shapes:
+        return  # a base known from its config only: the shapes are checked when the GGUF is loaded
     for target, tensor in info.tensors.items():
         shape = base.tensor_shapes.get(target)
         if shape is None:

@@ -270,11 +270,11 @@ class Trainer:
         previous = 0.0
         if resume:
             done, previous, steps, epochs = self._restore(model, optimizer)
+        resumed_from = done
         started = time.monotonic()
         self.progress.start(self.total_steps, done)
         model.train()
         step_size = config.batch_size * config.gradient_accumulation
-        trained_tokens = 0
         try:
             for epoch in range(done // self.per_epoch, config.epochs):
                 order = _order(len(self.train_set), config.seed, epoch)
@@ -299,7 +299,6 @@ class Trainer:
                         total_loss += float(loss.detach())
                     optimizer.step()
                     tokens = sum(len(item.input_ids) for item in chosen)
-                    trained_tokens += labelled
                     done = step
                     record = StepRecord(
                         step=step,
@@ -320,6 +319,7 @@ class Trainer:
             self.progress.close()
         adapter_dir.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(str(adapter_dir))
+        (adapter_dir / "README.md").unlink(missing_ok=True)  # peft's empty model card template
         return TrainResult(
             steps=steps,
             epochs=epochs,
@@ -328,7 +328,7 @@ class Trainer:
             device=device,
             threads=threads,
             trained_tokens=sum(item.trained_tokens for item in self.train_set) * config.epochs,
-            resumed_from=steps[0].step - 1 if resume and steps else 0,
+            resumed_from=resumed_from,
         )
 
     def _end_epoch(self, model: Any, epoch: int, step: int, steps: list[StepRecord], device: str) -> EpochRecord:
