@@ -261,3 +261,31 @@ def test_corrupt_files_are_clear_errors(tmp_path: Path) -> None:
     model = _base_gguf(tmp_path / "model.gguf", "llama", {"blk.0.attn_q.weight": (64, 64)})
     with pytest.raises(AdapterError, match="not an adapter"):
         read_lora(model)
+
+
+def test_fast_index_agrees_with_gguf_reader() -> None:
+    from microserve.catalog.gguf_index import GgufFormatError, read_index
+    from microserve.catalog.manifest import find_builtin
+    from microserve.settings import Settings
+    from microserve.store import ModelStore
+
+    manifest = find_builtin("smollm2-135m-instruct")
+    assert manifest is not None
+    path = ModelStore(Settings().cache_dir).ensure(manifest)
+    index = read_index(path, arrays=("tokenizer.ggml.token_type",))
+    reader = GGUFReader(str(path))
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        if key == "tokenizer.ggml.token_type":
+            assert index.fields[key] == list(field.contents())
+        elif len(field.types) == 1:  # scalars and strings; other arrays are skipped
+            assert index.fields[key] == field.contents(), key
+        else:
+            assert index.fields[key] is None
+    assert {n: t.shape for n, t in index.tensors.items()} == {
+        t.name: tuple(int(d) for d in t.shape) for t in reader.tensors
+    }
+    assert {n: t.type_id for n, t in index.tensors.items()} == {t.name: int(t.tensor_type) for t in reader.tensors}
+    with pytest.raises(GgufFormatError):
+        read_index(Path(__file__))

@@ -71,33 +71,37 @@ class BaseFacts:
     @classmethod
     def from_gguf(cls, path: Path) -> BaseFacts:
         """Facts of a base model GGUF file (its header and tensor index; no weights are read)."""
-        from gguf import GGUFReader
+        from microserve.catalog.gguf_index import GgufFormatError, read_index
 
         try:
-            reader = GGUFReader(str(path), "r")
-        except (OSError, ValueError) as exc:
+            index = read_index(path)
+        except (OSError, GgufFormatError) as exc:
             raise AdapterError(f"cannot read the base model {path}: {exc}") from exc
-        arch = _field(reader, "general.architecture")
+        return cls.from_fields(index.fields, {n: t.shape for n, t in index.tensors.items()}, path)
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, Any], shapes: dict[str, tuple[int, ...]], path: Path) -> BaseFacts:
+        """Facts from a GGUF's metadata values and tensor shapes."""
+        arch = fields.get("general.architecture")
         if not arch:
             raise AdapterError(f"{path} names no architecture")
         arch = str(arch)
 
         def number(key: str) -> int:
-            value = _field(reader, f"{arch}.{key}")
+            value = fields.get(f"{arch}.{key}")
             if value is None:
                 raise AdapterError(f"{path} lacks {arch}.{key}")
             return int(value)
 
         heads = number("attention.head_count")
-        kv = _field(reader, f"{arch}.attention.head_count_kv")
-        shapes = {t.name: tuple(int(n) for n in t.shape) for t in reader.tensors}
-        name = _field(reader, "general.name")
+        kv = fields.get(f"{arch}.attention.head_count_kv")
+        name = fields.get("general.name")
         return cls(
             architecture=arch,
             block_count=number("block_count"),
             head_count=heads,
             head_count_kv=int(kv) if kv is not None else heads,
-            tensor_shapes=shapes,
+            tensor_shapes=dict(shapes),
             name=str(name) if name else None,
         )
 

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from microserve.catalog.gguf_header import read_header
 from microserve.catalog.peft_gguf import AdapterError, BaseFacts
 from microserve.services.chat_template import ChatTemplate
 
@@ -33,6 +32,7 @@ class BaseModel:
     template_family: str | None
     facts: BaseFacts
     context_length: int | None
+    chat_template: str | None = None  # the GGUF's own, or the tokenizer directory's
 
 
 class QuietLlamaLogs:
@@ -142,10 +142,15 @@ def resolve_base(spec: str, cache_dir: Path, *, catalog_dir: Path | None = None,
         raise BaseModelError(str(exc)) from exc
     if manifest.task not in ("chat", "completion"):
         raise BaseModelError(f"model {manifest.id} is a {manifest.task} model; adapters are for text generation")
+    from microserve.catalog.gguf_index import GgufFormatError, read_index
+
     try:
-        facts = BaseFacts.from_gguf(gguf)
-    except AdapterError as exc:
-        raise BaseModelError(str(exc)) from exc
+        index = read_index(gguf)
+        facts = BaseFacts.from_fields(index.fields, {n: t.shape for n, t in index.tensors.items()}, gguf)
+    except (AdapterError, GgufFormatError, OSError) as exc:
+        raise BaseModelError(f"cannot read {gguf}: {exc}") from exc
+    template = index.fields.get("tokenizer.chat_template")
+    context = index.fields.get(f"{facts.architecture}.context_length")
     if facts.architecture not in ("llama", "gemma3"):
         raise BaseModelError(
             f"model {manifest.id} is a `{facts.architecture}` model; microserve trains adapters for llama and gemma3"
@@ -158,7 +163,8 @@ def resolve_base(spec: str, cache_dir: Path, *, catalog_dir: Path | None = None,
         is_gguf=True,
         template_family=manifest.template_family,
         facts=facts,
-        context_length=read_header(gguf).context_length,
+        context_length=int(context) if context is not None else None,
+        chat_template=str(template) if template else None,
     )
 
 
@@ -190,5 +196,5 @@ def open_tokenizer(base: BaseModel) -> GgufTokenizer | HfTokenizer:
 
 def chat_template(base: BaseModel, tokenizer: GgufTokenizer | HfTokenizer) -> ChatTemplate:
     """The chat template the server applies to this base: its own, else its family's, else ChatML."""
-    own = read_header(base.path).chat_template if base.is_gguf else getattr(tokenizer, "chat_template", None)
+    own = base.chat_template if base.is_gguf else getattr(tokenizer, "chat_template", None)
     return ChatTemplate.choose(own, base.template_family, bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token)
