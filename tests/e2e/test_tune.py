@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from fact_data import CODE, held_out_questions, write
 
 from microserve.finetune.base import GgufTokenizer, chat_template, resolve_base
@@ -62,6 +63,7 @@ class Answerer:
         self.tokenizer.close()
 
 
+@pytest.mark.timeout(1500)
 def test_tune_teaches_the_default_model_a_fact(tmp_path: Path) -> None:
     train, _ = write(tmp_path / "data")
     lora_dir = tmp_path / "loras"
@@ -128,6 +130,7 @@ def test_bad_data_exits_2_listing_each_line_and_trains_nothing(tmp_path: Path) -
     assert not lora_dir.exists() or not any(lora_dir.iterdir())
 
 
+@pytest.mark.timeout(1200)
 def test_ctrl_c_stops_cleanly_and_resume_finishes(tmp_path: Path) -> None:
     train, _ = write(tmp_path / "data", count=16)
     lora_dir = tmp_path / "loras"
@@ -166,6 +169,7 @@ def test_ctrl_c_stops_cleanly_and_resume_finishes(tmp_path: Path) -> None:
     assert not (cache / "tune" / "resumed").exists()  # the finished adapter's checkpoint is cleaned up
 
 
+@pytest.mark.timeout(900)
 def test_converted_adapter_applies_in_llamacpp_as_in_transformers(tmp_path: Path) -> None:
     """A random LoRA on every projection: llama.cpp's logit change equals transformers' (permutation and scale)."""
     import torch

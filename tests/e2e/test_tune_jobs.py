@@ -10,6 +10,7 @@ import os
 import time
 from pathlib import Path
 
+import pytest
 from fact_data import chat_line, training_questions
 
 from microserve.finetune.jobs import FineTuningJobs, JobRunner
@@ -31,6 +32,7 @@ def wait_for(api: FineTuningJobs, job_id: str, *statuses: str, timeout: float = 
     raise AssertionError(f"{job_id} is {api.retrieve_job(OWNER, job_id).status}, not {statuses}: {events}")
 
 
+@pytest.mark.timeout(1500)
 def test_jobs_run_in_a_niced_worker_succeed_and_cancel(tmp_path: Path) -> None:
     store = JobStore(tmp_path / "fine_tuning")
     lora_dir = tmp_path / "loras"
