@@ -340,7 +340,8 @@ class JobRunner:
             command += ["--catalog-dir", str(self.catalog_dir)]
         if self.threads:
             command += ["--threads", str(self.threads)]
-        nice = self.nice
+        if self.nice:
+            command += ["--nice", str(self.nice)]
         log_path = self.store.root / "logs" / f"{job.id}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with log_path.open("wb") as out:
@@ -350,7 +351,6 @@ class JobRunner:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 env=self._worker_env(),
-                preexec_fn=(lambda: os.nice(nice)) if nice else None,
                 start_new_session=True,  # a Ctrl-C meant for the server reaches the worker only through stop()
             )
             self._process = process

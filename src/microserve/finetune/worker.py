@@ -7,6 +7,7 @@ checkpoints and outcome in the job store. SIGTERM stops it after the current ste
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -73,7 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", type=Path, required=True)
     parser.add_argument("--catalog-dir", type=Path)
     parser.add_argument("--threads", type=int)
+    parser.add_argument("--nice", type=int, default=0, help="lower this process's priority by this much first")
     args = parser.parse_args(argv)
+    if args.nice:
+        # The worker lowers its own priority: a preexec_fn in the server's threaded process could deadlock.
+        os.nice(args.nice)
 
     stop = threading.Event()
 
