@@ -160,3 +160,56 @@ def test_lora_knobs_beyond_openai_hyperparameters(api: FineTuningJobs) -> None:
         )
     assert len(api.list_jobs(ALICE).data) == 1
     api.cancel_job(ALICE, job.id)
+
+
+def test_the_worker_process_trains_a_tiny_model_and_cancels(tmp_path: Path) -> None:
+    from test_tune_train import data, tiny_base
+
+    base = tiny_base(tmp_path / "tiny")
+    store = JobStore(tmp_path / "fine_tuning")
+    lora_dir = tmp_path / "loras"
+    runner = JobRunner(store, lora_dir=lora_dir, cache_dir=tmp_path / "cache", threads=1, nice=5)
+    api = FineTuningJobs(store, runner, tunable=lambda model: None)
+    runner.start()
+    try:
+        upload = api.upload(ALICE, "train.jsonl", "fine-tune", data(tmp_path / "train.jsonl").read_bytes())
+        job = api.create_job(
+            ALICE,
+            CreateJobRequest(model=str(base), training_file=upload.id, hyperparameters=Hyperparameters(n_epochs=2)),
+        )
+        assert wait_status(api, ALICE, job.id, "succeeded", "failed", "cancelled", timeout=240) == "succeeded", [
+            e.message for e in api.list_events(ALICE, job.id, limit=50).data
+        ]
+        done = api.retrieve_job(ALICE, job.id)
+        assert done.fine_tuned_model and (lora_dir / done.fine_tuned_model / "adapter.gguf").is_file()
+        assert done.trained_tokens and done.trained_tokens > 0
+        events = api.list_events(ALICE, job.id, limit=100).data
+        assert [e.data["step"] for e in reversed(events) if e.type == "metrics"] == [1, 2, 3, 4]  # type: ignore[index]
+        assert [c.step_number for c in api.list_checkpoints(ALICE, job.id).data] == [4, 2]
+        assert events[0].message == "The job has successfully completed"
+        log = (store.root / "logs" / f"{job.id}.log").read_text()
+        assert "Traceback" not in log
+
+        slow = api.create_job(
+            ALICE,
+            CreateJobRequest(
+                model=str(base), training_file=upload.id, hyperparameters=Hyperparameters(n_epochs=50, batch_size=1)
+            ),
+        )
+        wait_status(api, ALICE, slow.id, "running", timeout=120)
+        deadline = time.monotonic() + 120
+        while not any(e.type == "metrics" for e in api.list_events(ALICE, slow.id).data):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        pid = store.job(slow.id, ALICE).worker_pid  # type: ignore[union-attr]
+        assert pid is not None
+        import os
+
+        assert os.getpriority(os.PRIO_PROCESS, pid) == os.getpriority(os.PRIO_PROCESS, 0) + 5
+        api.cancel_job(ALICE, slow.id)
+        assert wait_status(api, ALICE, slow.id, "cancelled", "failed", "succeeded", timeout=60) == "cancelled"
+        name = store.job(slow.id, ALICE).fine_tuned_model  # type: ignore[union-attr]
+        assert name and not (lora_dir / name).exists()
+        assert api.retrieve_job(ALICE, slow.id).fine_tuned_model is None
+    finally:
+        runner.stop()

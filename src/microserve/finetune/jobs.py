@@ -136,7 +136,8 @@ def checkpoint_object(row: CheckpointRow) -> JobCheckpoint:
 
 def adapter_name(model: str, suffix: str | None, job_id: str) -> str:
     """The served name of a job's adapter: ``ft-<base>[-<suffix>]-<job id tail>``."""
-    safe = "".join(c if c.isalnum() or c in "._-" else "-" for c in model)
+    stem = Path(model).name if "/" in model or model.startswith(".") else model  # a path names its last part
+    safe = "".join(c if c.isalnum() or c in "._-" else "-" for c in stem).strip(".-") or "model"
     parts = ["ft", safe] + ([suffix] if suffix else []) + [job_id.removeprefix("ftjob-")[:8]]
     return check_adapter_name("-".join(parts)[:128])
 

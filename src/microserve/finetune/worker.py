@@ -105,14 +105,14 @@ def main(argv: list[str] | None = None) -> int:
         config = config.model_copy(update={"threads": args.threads})
 
     def fail(code: str, message: str, param: str | None = None) -> int:
-        if store.update_job(
+        store.add_event(job.id, f"Job failed: {message}", level="error")
+        store.update_job(
             job.id,
             only_if=("running",),
             status="failed",
             finished_at=int(time.time()),
             error={"code": code, "message": message, "param": param},
-        ):
-            store.add_event(job.id, f"Job failed: {message}", level="error")
+        )
         return 1
 
     try:
@@ -151,11 +151,14 @@ def main(argv: list[str] | None = None) -> int:
         current = store.job(job.id, any_owner=True)
         if current is not None and not current.cancel_requested:
             return fail("server_shutdown", "the server shut down while this job was running; start a new job")
-        if store.update_job(job.id, only_if=("running",), status="cancelled", finished_at=int(time.time())):
-            store.add_event(job.id, "Job cancelled")
+        store.add_event(job.id, "Job cancelled")
+        store.update_job(job.id, only_if=("running",), status="cancelled", finished_at=int(time.time()))
         return EXIT_CANCELLED
     except Exception as exc:  # the job fails with the reason; the server that started it keeps serving
         return fail("training_failed", f"{type(exc).__name__}: {exc}")
+    # Events first: a client that sees the status change finds them.
+    store.add_event(job.id, f"New fine-tuned model created: {config.name}")
+    store.add_event(job.id, "The job has successfully completed")
     store.update_job(
         job.id,
         only_if=("running",),
@@ -164,8 +167,6 @@ def main(argv: list[str] | None = None) -> int:
         trained_tokens=outcome.report["trained_tokens"],
         fine_tuned_model=config.name,
     )
-    store.add_event(job.id, f"New fine-tuned model created: {config.name}")
-    store.add_event(job.id, "The job has successfully completed")
     return 0
 
 
