@@ -52,13 +52,6 @@ def test_jobs_run_in_a_niced_worker_succeed_and_cancel(tmp_path: Path) -> None:
                 hyperparameters=Hyperparameters(n_epochs=1, batch_size=8),
             ),
         )
-        assert wait_for(api, first.id, "running", "succeeded", "failed") in ("running", "succeeded")
-        pid = store.job(first.id, OWNER).worker_pid  # type: ignore[union-attr]
-        assert pid and pid != os.getpid()
-        try:
-            assert os.getpriority(os.PRIO_PROCESS, pid) == os.getpriority(os.PRIO_PROCESS, 0) + 7
-        except ProcessLookupError:
-            pass  # already finished; the status below still tells
         assert wait_for(api, first.id, "succeeded", "failed") == "succeeded", [
             e.message for e in api.list_events(OWNER, first.id, limit=50).data
         ]
@@ -87,6 +80,10 @@ def test_jobs_run_in_a_niced_worker_succeed_and_cancel(tmp_path: Path) -> None:
         while not any(e.type == "metrics" for e in api.list_events(OWNER, second.id).data):
             assert time.monotonic() < deadline
             time.sleep(0.2)
+        # Training has started: the worker process lowered its own priority by then.
+        pid = store.job(second.id, OWNER).worker_pid  # type: ignore[union-attr]
+        assert pid and pid != os.getpid()
+        assert os.getpriority(os.PRIO_PROCESS, pid) == os.getpriority(os.PRIO_PROCESS, 0) + 7
         api.cancel_job(OWNER, second.id)
         assert wait_for(api, second.id, "cancelled", "failed", "succeeded", timeout=120) == "cancelled"
         name = store.job(second.id, OWNER).config["name"]  # type: ignore[union-attr]
