@@ -122,6 +122,16 @@ class Settings(BaseSettings):
     catalog_dir: Path | None = Field(
         None, description="A folder of extra model manifests (*.yaml) added to the built-in catalog."
     )
+    lora_dir: Path | None = Field(
+        None,
+        validation_alias=_env("lora_dir", "NIM_PEFT_SOURCE"),
+        description="The adapter directory, one sub-directory per LoRA adapter; `microserve tune` writes into it. "
+        "Default: <cache_dir>/loras.",
+    )
+
+    def resolved_lora_dir(self) -> Path:
+        """The adapter directory: ``lora_dir`` when set, else ``<cache_dir>/loras``."""
+        return (self.lora_dir or self.cache_dir / "loras").expanduser()
 
     @field_validator("embedding_model", "rerank_model", mode="before")
     @classmethod

@@ -1,4 +1,5 @@
-"""Command-line options derived from :class:`~microserve.settings.Settings`: every setting is a flag, declared once.
+"""Command-line options derived from pydantic models, :class:`~microserve.settings.Settings` first: every setting
+is a flag, declared once.
 
 A field becomes ``--field-name`` with its description as help; booleans become ``--name/--no-name`` (or the pair
 a field names in its ``json_schema_extra`` ``flag``), lists repeat, and secrets (API keys) are never flags, since a
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any, NoReturn, get_args, get_origin
 
 import typer
-from pydantic import SecretStr, ValidationError
+from pydantic import BaseModel, SecretStr, ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
@@ -97,12 +98,18 @@ def _option(name: str, field: FieldInfo) -> inspect.Parameter | None:
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
 
 
-def settings_parameters(names: Iterable[str] | None = None) -> list[inspect.Parameter]:
-    """One keyword parameter per setting (all of them, or those ``names``), for a Typer command's signature."""
-    fields = Settings.model_fields
+def model_parameters(model: type[BaseModel], names: Iterable[str] | None = None) -> list[inspect.Parameter]:
+    """One keyword parameter per field of ``model`` (all of them, or those ``names``), for a Typer command's
+    signature: the flag ``--field-name``, the field's description as help, every parameter defaulting to None."""
+    fields = model.model_fields
     wanted = list(fields) if names is None else list(names)
     params = [_option(name, fields[name]) for name in wanted]
     return [p for p in params if p is not None]
+
+
+def settings_parameters(names: Iterable[str] | None = None) -> list[inspect.Parameter]:
+    """One keyword parameter per setting (all of them, or those ``names``), for a Typer command's signature."""
+    return model_parameters(Settings, names)
 
 
 def with_settings(
