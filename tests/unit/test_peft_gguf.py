@@ -264,10 +264,9 @@ def test_corrupt_files_are_clear_errors(tmp_path: Path) -> None:
 
 
 def test_fast_index_agrees_with_gguf_reader() -> None:
-    from microserve.catalog.store import ModelStore
-
     from microserve.catalog.gguf_index import GgufFormatError, read_index
     from microserve.catalog.manifest import find_builtin
+    from microserve.catalog.store import ModelStore
     from microserve.settings import Settings
 
     manifest = find_builtin("smollm2-135m-instruct")

@@ -80,13 +80,15 @@ def find_adapter(root: Path, name: str, path: Path | str | None = None) -> Adapt
         return AdapterSource(name, where, "gguf", where)
     if not where.is_dir():
         raise AdapterError(f"no adapter at {where}")
-    if all((where / f).is_file() for f in _PEFT_FILES):
-        return AdapterSource(name, where, "peft")
+    # A GGUF LoRA is served as it is; beside a PEFT adapter (as `microserve tune` writes both) it wins, since
+    # converting the PEFT files again would give the same file.
     ggufs = sorted(where.glob("*.gguf"))
     if len(ggufs) == 1:
         return AdapterSource(name, where, "gguf", inside(root, ggufs[0]))
     if len(ggufs) > 1:
         raise AdapterError(f"{where} holds {len(ggufs)} GGUF files; an adapter directory holds one")
+    if all((where / f).is_file() for f in _PEFT_FILES):
+        return AdapterSource(name, where, "peft")
     raise AdapterError(f"{where} holds neither a GGUF LoRA file nor {' and '.join(_PEFT_FILES)}")
 
 

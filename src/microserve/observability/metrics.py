@@ -37,6 +37,9 @@ class _LoadCollector(Collector):
         prefix = CounterMetricFamily(
             "prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache.", labels=["model_name"]
         )
+        steps = CounterMetricFamily(
+            "engine_steps", "Forward passes (decode steps) the engine has run.", labels=["model_name"]
+        )
         loaded = GaugeMetricFamily(
             "lora_adapters_loaded", "LoRA adapters loaded in the engine's memory.", labels=["model_name"]
         )
@@ -52,11 +55,12 @@ class _LoadCollector(Collector):
             waiting.add_metric([name], stats.waiting + queued)
             kv.add_metric([name], stats.kv_used / stats.kv_total if stats.kv_total else 0.0)
             prefix.add_metric([name], stats.prefix_hit_tokens)
+            steps.add_metric([name], stats.steps)
             loaded.add_metric([name], stats.adapters_loaded)
             labels = [name, str(self._max_loras), ",".join(stats.running_adapters), ",".join(stats.waiting_adapters)]
             lora_info.add_metric(labels, now)
         encoders = self._collect_encoders(self._encoders, running, waiting) if self._encoders is not None else []
-        yield from (running, waiting, kv, prefix, loaded, lora_info, *encoders)
+        yield from (running, waiting, kv, prefix, steps, loaded, lora_info, *encoders)
 
     @staticmethod
     def _collect_encoders(

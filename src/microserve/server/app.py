@@ -110,6 +110,7 @@ def build_app(
             await asyncio.gather(*(model.engine.start() for model in engines.values()))
             # Ready only once the adapters found at start are served too.
             await adapters.refresh()
+            app.state.loaded = True
         except Exception as exc:
             log.exception("model failed to load")
             app.state.load_error = f"{type(exc).__name__}: {exc}"
@@ -150,6 +151,7 @@ def build_app(
     app.state.plan = plan
     app.state.models = models
     app.state.load_error = None
+    app.state.loaded = False
     app.state.chat = ChatService(models, limits)
     app.state.completions = CompletionService(models, limits)
     app.state.embeddings = EmbeddingService(models)
