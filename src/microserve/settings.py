@@ -128,6 +128,28 @@ class Settings(BaseSettings):
         description="The adapter directory, one sub-directory per LoRA adapter; `microserve tune` writes into it. "
         "Default: <cache_dir>/loras.",
     )
+    lora_refresh_interval: float = Field(
+        0.0,
+        ge=0.0,
+        validation_alias=_env("lora_refresh_interval", "NIM_PEFT_REFRESH_INTERVAL"),
+        description="Seconds between rescans of the adapter directory (new adapters served, removed ones retired); "
+        "0: only at start.",
+    )
+    max_loras: int = Field(
+        16,
+        ge=1,
+        le=4096,
+        validation_alias=_env("max_loras", "NIM_MAX_CPU_LORAS"),
+        description="LoRA adapters kept loaded at once per base model; others load on demand, the least recently "
+        "used idle one unloaded first.",
+    )
+    max_lora_rank: int = Field(
+        32,
+        ge=1,
+        le=4096,
+        validation_alias=_env("max_lora_rank", "NIM_MAX_LORA_RANK"),
+        description="Largest adapter rank served; a larger adapter is refused.",
+    )
 
     def resolved_lora_dir(self) -> Path:
         """The adapter directory: ``lora_dir`` when set, else ``<cache_dir>/loras``."""

@@ -29,6 +29,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from microserve.catalog.errors import CatalogError
+
 OutType = Literal["f32", "f16", "q8_0"]
 
 SUPPORTED_ARCHITECTURES = ("llama", "gemma3")
@@ -52,7 +54,7 @@ _SAFETENSORS_DTYPES: dict[str, Any] = {"F32": np.float32, "F16": np.float16, "F6
 _Q8_0_BLOCK = 32
 
 
-class AdapterError(Exception):
+class AdapterError(CatalogError):
     """An adapter cannot be converted or served; the message says why, for that adapter alone."""
 
 

@@ -128,6 +128,10 @@ class EngineStats:
     kv_total: int
     prefix_hit_tokens: int
     steps: int
+    # LoRA adapters: how many are loaded, and which the running and the waiting sequences use.
+    adapters_loaded: int = 0
+    running_adapters: tuple[str, ...] = ()
+    waiting_adapters: tuple[str, ...] = ()
 
 
 @runtime_checkable
@@ -166,6 +170,15 @@ class TextEngine(Protocol):
     async def check_guide(self, guide: Guide) -> None:
         """Compile ``guide`` off the event loop and cache it; raise InvalidRequest (naming ``guide.param``) if the
         engine cannot enforce it."""
+        ...
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        """Make the LoRA adapter at ``path`` (in the engine's own format) available as ``name``; raise
+        InvalidRequest naming the reason if the engine cannot apply it to its model."""
+        ...
+
+    async def unload_adapter(self, name: str) -> None:
+        """Forget the adapter ``name``; sequences already running on it finish first."""
         ...
 
     def stats(self) -> EngineStats:

@@ -33,6 +33,7 @@ class EngineSpec:
     distribution: str
     module: str
     extra: str | None = None  # the microserve extra that installs the library; None: a core dependency
+    lora: str | None = None  # the LoRA adapter format the engine loads ("gguf", "peft"); None: no adapters
 
     @property
     def adapter(self) -> str:
@@ -67,8 +68,8 @@ _ENCODER = frozenset({"embedding", "ranking"})
 ENGINES: dict[str, EngineSpec] = {
     spec.name: spec
     for spec in (
-        EngineSpec("llamacpp", _TEXT, frozenset({"gguf"}), "llama-cpp-python", "llama_cpp"),
-        EngineSpec("vllm", _TEXT, frozenset({"safetensors"}), "vllm", "vllm", extra="vllm"),
+        EngineSpec("llamacpp", _TEXT, frozenset({"gguf"}), "llama-cpp-python", "llama_cpp", lora="gguf"),
+        EngineSpec("vllm", _TEXT, frozenset({"safetensors"}), "vllm", "vllm", extra="vllm", lora="peft"),
         # Serves with ONNX Runtime; torch only exports a model to ONNX once, in a child process.
         EngineSpec("encoder", _ENCODER, frozenset({"safetensors", "pytorch"}), "onnxruntime", "onnxruntime"),
     )

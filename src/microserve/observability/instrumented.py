@@ -138,6 +138,14 @@ class InstrumentedEngine(_Wrapper[TextEngine]):
         """Compile and cache an output constraint with the wrapped engine."""
         await self.inner.check_guide(guide)
 
+    async def load_adapter(self, name: str, path: str) -> None:
+        """Load an adapter into the wrapped engine."""
+        await self.inner.load_adapter(name, path)
+
+    async def unload_adapter(self, name: str) -> None:
+        """Unload an adapter from the wrapped engine."""
+        await self.inner.unload_adapter(name)
+
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
         """The wrapped stream, measured per choice; an abandoned choice counts as finished_reason ``abort``.
 

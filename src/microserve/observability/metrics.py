@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -22,9 +23,10 @@ EncoderLoad = Callable[[], Iterable[tuple[str, EncoderStats, int, int]]]
 class _LoadCollector(Collector):
     """Gauges read from the engines and admission queues at scrape time, so they are never stale."""
 
-    def __init__(self, sources: TextLoad, encoders: EncoderLoad | None = None) -> None:
+    def __init__(self, sources: TextLoad, encoders: EncoderLoad | None = None, max_loras: int = 0) -> None:
         self._sources = sources
         self._encoders = encoders
+        self._max_loras = max_loras
 
     def collect(self) -> Iterable[Metric]:
         running = GaugeMetricFamily("num_requests_running", "Sequences decoding in the engine.", labels=["model_name"])
@@ -35,16 +37,33 @@ class _LoadCollector(Collector):
         prefix = CounterMetricFamily(
             "prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache.", labels=["model_name"]
         )
+        steps = CounterMetricFamily(
+            "engine_steps", "Forward passes (decode steps) the engine has run.", labels=["model_name"]
+        )
+        loaded = GaugeMetricFamily(
+            "lora_adapters_loaded", "LoRA adapters loaded in the engine's memory.", labels=["model_name"]
+        )
+        # vLLM's shape, which LoRA-aware routers read: the labels carry the adapter names, the value is a time.
+        lora_info = GaugeMetricFamily(
+            "lora_requests_info",
+            "Adapters of the running and waiting requests (labels); the value is the time of the reading.",
+            labels=["model_name", "max_lora", "running_lora_adapters", "waiting_lora_adapters"],
+        )
+        now = time.time()
         for name, stats, queued in self._sources():
             running.add_metric([name], stats.running)
             waiting.add_metric([name], stats.waiting + queued)
             kv.add_metric([name], stats.kv_used / stats.kv_total if stats.kv_total else 0.0)
             prefix.add_metric([name], stats.prefix_hit_tokens)
+            steps.add_metric([name], stats.steps)
+            loaded.add_metric([name], stats.adapters_loaded)
+            labels = [name, str(self._max_loras), ",".join(stats.running_adapters), ",".join(stats.waiting_adapters)]
+            lora_info.add_metric(labels, now)
         encoders = self._collect_encoders(self._encoders, running, waiting) if self._encoders is not None else []
-        yield from (running, waiting, kv, prefix, *encoders)
+        yield from (running, waiting, kv, prefix, steps, loaded, lora_info, *encoders)
         # The Gateway API Inference Extension's endpoint picker reads a server's load under vLLM's names: the same
         # samples under those names let such a gateway route to microserve.
-        yield from (_renamed(family, f"vllm:{family.name}") for family in (running, waiting, kv))
+        yield from (_renamed(family, f"vllm:{family.name}") for family in (running, waiting, kv, lora_info))
 
     @staticmethod
     def _collect_encoders(
@@ -130,10 +149,11 @@ class Metrics:
             child = self._http_children[key] = self.http.labels(method, route, str(status))
         child.inc()
 
-    def watch_load(self, sources: TextLoad, encoders: EncoderLoad | None = None) -> None:
+    def watch_load(self, sources: TextLoad, encoders: EncoderLoad | None = None, *, max_loras: int = 0) -> None:
         """Register the scrape-time gauges over ``sources``: (model, engine stats, queued requests) tuples, and
-        over ``encoders``: (model, encoder stats, admitted requests, queued requests) tuples."""
-        self.registry.register(_LoadCollector(sources, encoders))
+        over ``encoders``: (model, encoder stats, admitted requests, queued requests) tuples; ``max_loras`` is the
+        adapter limit the LoRA gauge reports."""
+        self.registry.register(_LoadCollector(sources, encoders, max_loras))
 
     def render(self) -> bytes:
         """The text exposition format."""

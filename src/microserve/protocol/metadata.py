@@ -17,6 +17,17 @@ class ModelInfo(BaseModel):
     engine: str | None
 
 
+class AdapterInfo(BaseModel):
+    """One served LoRA adapter: its base model, rank, alpha and the format it was found in."""
+
+    name: str
+    parent: str
+    rank: int
+    alpha: float
+    format: str
+    source: str
+
+
 class Metadata(BaseModel):
     """``GET /v1/metadata``."""
 
@@ -25,6 +36,7 @@ class Metadata(BaseModel):
     version: str
     model_info: list[ModelInfo] = Field(serialization_alias="modelInfo")
     engines: dict[str, str | None]
+    adapters: list[AdapterInfo] = []
     repository_override: str = ""
 
 

@@ -24,12 +24,14 @@ from microserve.observability.instrumented import InstrumentedEncoder, Instrumen
 from microserve.observability.metrics import Metrics
 from microserve.observability.record import current_record
 from microserve.observability.tracing import Tracing
+from microserve.server.adapters import AdapterManager
 from microserve.server.admission import Admission
 from microserve.server.auth import HEALTH_PATHS, METRICS_PATHS, ApiKeyMiddleware, load_key_digests
 from microserve.server.drain import DrainMiddleware, DrainState
 from microserve.server.errors import install_error_handlers
 from microserve.server.limits import BodyLimitMiddleware
 from microserve.server.logging import RequestLogMiddleware, route_label
+from microserve.server.routes import adapters as adapter_routes
 from microserve.server.routes import health, metadata, openai, retrieval
 from microserve.server.routes import metrics as metrics_routes
 from microserve.services.chat import ChatService
@@ -92,15 +94,29 @@ def build_app(
             if m.encodes
         ]
 
-    metrics.watch_load(load, encoders)
+    metrics.watch_load(load, encoders, max_loras=settings.max_loras)
+
+    def adapter_view(parent: ServedModel, name: str) -> TextEngine:
+        # An adapter shares its base model's engine; its own wrapper labels its metrics with its own name.
+        base = parent.engine
+        inner = base.inner if isinstance(base, InstrumentedEngine) else parent.text_engine
+        return InstrumentedEngine(inner, name, metrics, tracing)
+
+    adapters = AdapterManager(settings, plan, models, adapter_view)
 
     async def load_all(app: FastAPI) -> None:
         try:
             # Engines load side by side: each does its heavy work in its own thread.
             await asyncio.gather(*(model.engine.start() for model in engines.values()))
+            # Ready only once the adapters found at start are served too.
+            await adapters.refresh()
+            app.state.loaded = True
         except Exception as exc:
             log.exception("model failed to load")
             app.state.load_error = f"{type(exc).__name__}: {exc}"
+            return
+        if settings.lora_refresh_interval > 0 and adapters.enabled:
+            await adapters.run(settings.lora_refresh_interval)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -135,11 +151,13 @@ def build_app(
     app.state.plan = plan
     app.state.models = models
     app.state.load_error = None
+    app.state.loaded = False
     app.state.chat = ChatService(models, limits)
     app.state.completions = CompletionService(models, limits)
     app.state.embeddings = EmbeddingService(models)
     app.state.ranking = RankingService(models)
     app.state.admission = admission
+    app.state.adapters = adapters
     app.state.metrics = metrics
     app.state.tracing = tracing
     app.state.drain = drain
@@ -163,6 +181,7 @@ def build_app(
     # highest rates, so the matching is the largest share of their cost.
     app.include_router(retrieval.router)
     app.include_router(openai.router)
+    app.include_router(adapter_routes.router)
     app.include_router(health.router)
     app.include_router(metadata.router)
     app.include_router(metrics_routes.router)

@@ -82,7 +82,17 @@ class ModelTable:
         self._aliases = {alias.lower(): m.name for m in models if m.encodes for alias in (m.name, *m.aliases)}
 
     def __iter__(self) -> Iterator[ServedModel]:
-        return iter(self._models.values())
+        return iter(list(self._models.values()))
+
+    def add(self, model: ServedModel) -> None:
+        """Serve ``model`` under its name (an adapter found while running); a name in use is a ValueError."""
+        if model.name in self._models or model.name.lower() in self._aliases:
+            raise ValueError(f"a model called `{model.name}` is already served")
+        self._models[model.name] = model
+
+    def remove(self, name: str) -> ServedModel | None:
+        """Stop serving ``name`` (requests already admitted keep their engine); the record, if there was one."""
+        return self._models.pop(name, None)
 
     def names(self) -> list[str]:
         """The served names, in registration order."""

@@ -29,5 +29,6 @@ def build(target: EngineTarget, settings: Settings) -> TextEngine:
             batch_size=settings.batch_size or target.batch_size or DEFAULT_BATCH_SIZE,
             prefill_chunk=settings.prefill_chunk,
             prefix_cache=settings.prefix_cache,
+            max_loras=settings.max_loras,
         )
     )

@@ -21,7 +21,9 @@ from microserve.engines.base import (
     ModelInfo,
     TokenLogprob,
 )
-from microserve.engines.llamacpp.grammar import GrammarCache, install_log_capture
+from microserve.engines.llamacpp.grammar import GrammarCache
+from microserve.engines.llamacpp.log import install_log_capture
+from microserve.engines.llamacpp.lora import AdapterUnavailable, LoraSet
 from microserve.engines.llamacpp.sampling import SequenceSampler, build_sampler
 from microserve.engines.llamacpp.scheduler import Admitted, Event, Failure, Scheduler, Sequence, Token
 from microserve.engines.llamacpp.sequence import TextAssembler
@@ -46,6 +48,8 @@ class LlamaCppConfig:
     batch_size: int = 256
     prefill_chunk: int | None = None
     prefix_cache: bool = True
+    # LoRA adapters kept loaded at once; more may be registered, loaded on demand.
+    max_loras: int = 16
 
 
 class LlamaCppEngine:
@@ -61,6 +65,7 @@ class LlamaCppEngine:
         self._pieces: dict[int, bytes] = {}
         self._eog: frozenset[int] = frozenset()
         self._grammars: GrammarCache | None = None
+        self._loras: LoraSet | None = None
         self._builder = GrammarBuilder()
         self._n_vocab = 0
         self._add_bos = False
@@ -94,6 +99,9 @@ class LlamaCppEngine:
         if self._scheduler is not None:
             await asyncio.to_thread(self._scheduler.stop)
             self._scheduler = None
+        if self._loras is not None:
+            self._loras.free_all()  # the engine thread has stopped: nothing decodes with them any more
+            self._loras = None
         if self._grammars is not None:
             self._grammars.close()
             self._grammars = None
@@ -150,6 +158,7 @@ class LlamaCppEngine:
             architecture=self._meta("general.architecture"),
             path=cfg.path,
         )
+        self._loras = LoraSet(model, cfg.max_loras)
         self._scheduler = Scheduler(
             ctx,
             n_slots=cfg.parallel,
@@ -159,6 +168,7 @@ class LlamaCppEngine:
             prefix_cache=cfg.prefix_cache,
             sampler_factory=partial(self._sampler_for, penalty_window=n_ctx_seq),
             eog_ids=self._eog,
+            loras=self._loras,
         )
         log.info(
             "loaded %s (%s): %d slots x %d tokens, %d threads, batch %d",
@@ -255,6 +265,33 @@ class LlamaCppEngine:
             return EngineStats(0, 0, self.config.parallel, 0, 0, 0, 0)
         return self._scheduler.stats()
 
+    async def load_adapter(self, name: str, path: str) -> None:
+        """Register the GGUF LoRA at ``path`` as ``name`` and load it now on the engine thread, so that a file
+        llama.cpp cannot apply to this model is a 400 carrying llama.cpp's reason."""
+        scheduler, loras = self._scheduler, self._loras
+        if scheduler is None or loras is None:
+            raise NotReady("the model is still loading")
+        previous = loras.path_of(name)
+        loras.register(name, path)
+        try:
+            await asyncio.wrap_future(scheduler.call(lambda: loras.load(name, scheduler.adapters_in_use())))
+        except AdapterUnavailable as exc:
+            if previous is not None:
+                loras.register(name, previous)  # a failed reload keeps the adapter that was serving
+            else:
+                loras.forget(name)
+            if exc.busy:
+                raise NotReady(str(exc)) from None
+            raise InvalidRequest(str(exc), param="lora_path", code="invalid_adapter") from None
+
+    async def unload_adapter(self, name: str) -> None:
+        """Refuse new sequences on ``name`` and free it once the running ones have finished."""
+        scheduler, loras = self._scheduler, self._loras
+        if scheduler is None or loras is None:
+            return
+        loras.forget(name)
+        await asyncio.wrap_future(scheduler.call(lambda: loras.release_forgotten(scheduler.adapters_in_use())))
+
     async def check_guide(self, guide: Guide) -> None:
         """Compile ``guide`` into a GBNF grammar and parse it with llama.cpp, in worker threads, caching both; a
         guide that cannot be enforced is a 400 naming the field that carried it."""
@@ -301,8 +338,10 @@ class LlamaCppEngine:
                 param="max_tokens",
                 code="context_length_exceeded",
             )
-        if request.adapter is not None:
-            raise InvalidRequest(f"the adapter `{request.adapter}` is not loaded", param="model")
+        if request.adapter is not None and (self._loras is None or not self._loras.registered(request.adapter)):
+            raise InvalidRequest(
+                f"the adapter `{request.adapter}` is not loaded", param="model", code="model_not_found"
+            )
         grammar, triggers = await self._grammar(request.guide) if request.guide is not None else (None, ())
         n = max(1, request.n)
         queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
@@ -319,6 +358,7 @@ class LlamaCppEngine:
                     grammar=grammar,
                     grammar_triggers=triggers,
                     top_logprobs=request.logprobs,
+                    adapter=request.adapter,
                     fork_from=seqs[0] if index else None,
                 )
             )
@@ -340,6 +380,8 @@ class LlamaCppEngine:
                 while True:
                     if isinstance(event, Failure):
                         engine_done[index] = True
+                        if event.busy:
+                            raise NotReady(event.message)
                         raise EngineFailure(f"generation failed: {event.message}")
                     if isinstance(event, Admitted):
                         cached[index] = event.cached_tokens

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import ctypes
 import itertools
 import logging
 import queue
@@ -19,11 +20,12 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol, cast
 
 import llama_cpp as L
 
 from microserve.engines.base import EngineStats, SamplingParams
+from microserve.engines.llamacpp.lora import AdapterUnavailable, LoraSet
 from microserve.engines.llamacpp.sampling import SequenceSampler
 
 log = logging.getLogger(__name__)
@@ -41,9 +43,11 @@ class Token:
 
 @dataclass(slots=True)
 class Failure:
-    """The engine could not serve the sequence; posted instead of a token."""
+    """The engine could not serve the sequence; posted instead of a token. ``busy``: it may succeed if retried
+    (all adapter places in use), rather than an engine fault."""
 
     message: str
+    busy: bool = False
 
 
 @dataclass(slots=True)
@@ -74,6 +78,9 @@ class Sequence:
     grammar: str | None = None
     grammar_triggers: tuple[str, ...] = ()
     top_logprobs: int | None = None
+    # The LoRA adapter the sequence decodes with (None: the base model); its handle once admitted.
+    adapter: str | None = None
+    lora: L.llama_adapter_lora_p | None = None
     # A sibling choice of the same prompt: this sequence waits for it to prefill, then copies its prompt's KV.
     fork_from: Sequence | None = None
     cancelled: bool = False
@@ -93,6 +100,16 @@ class Slot:
     tokens: list[int] = field(default_factory=list)
     last_used: int = 0
     seq: Sequence | None = None
+    # The adapter the cached tokens were computed under: a prefix is reused only for the same adapter.
+    adapter: str | None = None
+
+
+@dataclass(slots=True)
+class Call:
+    """A function to run on the engine thread between steps (adapter loads), with the future of its result."""
+
+    fn: Callable[[], object]
+    done: concurrent.futures.Future[object] = field(default_factory=concurrent.futures.Future)
 
 
 class PrefillBudget:
@@ -159,6 +176,7 @@ class Scheduler:
         prefix_cache: bool = True,
         sampler_factory: Callable[[Sequence], SequenceSampler],
         eog_ids: frozenset[int],
+        loras: LoraSet | None = None,
     ) -> None:
         self._ctx = ctx
         self._mem = L.llama_get_memory(ctx)
@@ -171,7 +189,14 @@ class Scheduler:
         self._make_sampler = sampler_factory
         self._eog = eog_ids
         self._slots = [Slot(seq_id=i) for i in range(n_slots)]
-        self._inbox: queue.SimpleQueue[Sequence | None] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[Sequence | Call | None] = queue.SimpleQueue()
+        self._loras = loras
+        # The adapter set on the context now (False: unknown, e.g. after an adapter was freed), and the step each
+        # adapter set last decoded in: sets with work take turns, the longest-waiting first.
+        self._ctx_adapter: str | bool | None = None
+        self._turns: dict[str | None, int] = {}
+        if loras is not None:
+            loras.before_free = self._clear_adapters
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []
         self._clock = itertools.count(1)
@@ -195,6 +220,12 @@ class Scheduler:
         self._thread.start()
         return self._warmed
 
+    def call(self, fn: Callable[[], object]) -> concurrent.futures.Future[object]:
+        """Run ``fn`` on the engine thread before the next step; the future carries its result or error."""
+        item = Call(fn)
+        self._inbox.put(item)
+        return item.done
+
     def submit(self, seq: Sequence) -> None:
         """Queue a sequence; it is admitted in arrival order as slots free up."""
         self._inbox.put(seq)
@@ -214,14 +245,19 @@ class Scheduler:
     def stats(self) -> EngineStats:
         """Counts read without locking: each is a single attribute read, good enough for monitoring."""
         used = sum(len(s.tokens) for s in self._slots)
+        running = list(self._running)
+        waiting = list(self._waiting)
         return EngineStats(
-            running=len(self._running),
-            waiting=len(self._waiting) + self._inbox.qsize(),
+            running=len(running),
+            waiting=len(waiting) + self._inbox.qsize(),
             slots=len(self._slots),
             kv_used=used,
             kv_total=self._n_ctx_seq * len(self._slots),
             prefix_hit_tokens=self.prefix_hit_tokens,
             steps=self.steps,
+            adapters_loaded=self._loras.loaded_count if self._loras is not None else 0,
+            running_adapters=tuple(sorted({s.adapter for s in running if s.adapter})),
+            waiting_adapters=tuple(sorted({s.adapter for s in waiting if s.adapter})),
         )
 
     # -- the engine thread ------------------------------------------------------------------------------------
@@ -255,11 +291,39 @@ class Scheduler:
         try:
             item = self._inbox.get(block=block)
             while True:
-                if item is not None:
+                if isinstance(item, Call):
+                    self._run_call(item)
+                elif item is not None:
                     self._waiting.append(item)
                 item = self._inbox.get_nowait()
         except queue.Empty:
             return
+
+    @staticmethod
+    def _run_call(item: Call) -> None:
+        try:
+            item.done.set_result(item.fn())
+        except BaseException as exc:  # handed to the caller
+            item.done.set_exception(exc)
+
+    def adapters_in_use(self) -> set[str]:
+        """Adapters of the running and waiting sequences (engine thread)."""
+        return {s.adapter for s in (*self._running, *self._waiting) if s.adapter}
+
+    def _clear_adapters(self) -> None:
+        L.llama_set_adapters_lora(self._ctx, None, 0, None)
+        self._ctx_adapter = None
+
+    def _use_adapter(self, adapter: str | None, handle: L.llama_adapter_lora_p | None) -> None:
+        if self._ctx_adapter is not False and self._ctx_adapter == adapter:
+            return
+        if adapter is None or handle is None:
+            self._clear_adapters()
+        else:
+            handles = (L.llama_adapter_lora_p_ctypes * 1)(cast(Any, handle))
+            scales = (ctypes.c_float * 1)(1.0)
+            L.llama_set_adapters_lora(self._ctx, handles, 1, scales)
+            self._ctx_adapter = adapter
 
     def _drop_cancelled(self) -> None:
         if any(s.cancelled for s in self._waiting):
@@ -273,12 +337,15 @@ class Scheduler:
             if not free:
                 return
             seq = self._waiting.popleft()
-            slot, reuse = self._pick_slot(free, seq.prompt)
+            if seq.adapter is not None and not self._attach_adapter(seq):
+                continue
+            slot, reuse = self._pick_slot(free, seq.prompt, seq.adapter)
             if reuse < len(slot.tokens) and not L.llama_memory_seq_rm(self._mem, slot.seq_id, reuse, -1):
                 # Some caches (recurrent, sliding-window) cannot drop a tail: start the slot afresh.
                 L.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
                 reuse = 0
             del slot.tokens[reuse:]
+            slot.adapter = seq.adapter
             slot.seq = seq
             slot.last_used = next(self._clock)
             seq.slot = slot
@@ -293,6 +360,18 @@ class Scheduler:
             self.prefix_hit_tokens += reuse
             self._running.append(seq)
             self._post([(seq, Admitted(reuse))])
+
+    def _attach_adapter(self, seq: Sequence) -> bool:
+        """Give ``seq`` its adapter's handle (loading it if needed); fail the sequence if that is impossible."""
+        assert seq.adapter is not None
+        try:
+            if self._loras is None:
+                raise AdapterUnavailable("this model serves no adapters")
+            seq.lora = self._loras.load(seq.adapter, self.adapters_in_use())
+        except AdapterUnavailable as exc:
+            self._post([(seq, Failure(str(exc), busy=exc.busy))])
+            return False
+        return True
 
     def _fork_siblings(self) -> None:
         """Give each waiting sibling choice the prompt KV of the sibling that prefilled it, minus the last token.
@@ -314,7 +393,10 @@ class Scheduler:
                 continue
             # The sibling's slot, or, if it already finished, whichever slot still holds the prompt.
             prefix = seq.prompt[:share]
-            source = next((s for s in self._slots if s is not slot and s.tokens[:share] == prefix), None)
+            source = next(
+                (s for s in self._slots if s is not slot and s.adapter == seq.adapter and s.tokens[:share] == prefix),
+                None,
+            )
             if source is None:
                 continue  # the sibling is gone and so is its prompt: prefill alone
             L.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
@@ -329,12 +411,13 @@ class Scheduler:
             seq.prefilled = share
             self._post([(seq, Admitted(share))])
 
-    def _pick_slot(self, free: list[Slot], prompt: list[int]) -> tuple[Slot, int]:
-        # The free slot sharing the longest prefix with the prompt, else the least recently used one: its cached
-        # prefix is the one evicted.
+    def _pick_slot(self, free: list[Slot], prompt: list[int], adapter: str | None) -> tuple[Slot, int]:
+        # The free slot sharing the longest prefix with the prompt under the same adapter, else the least recently
+        # used one: its cached prefix is the one evicted. KV cells computed under one adapter are never reused for
+        # another, nor for the base model.
         best, best_len = free[0], -1
         for slot in free:
-            n = common_prefix(slot.tokens, prompt) if self._prefix_cache else 0
+            n = common_prefix(slot.tokens, prompt) if self._prefix_cache and slot.adapter == adapter else 0
             if n > best_len or (n == best_len and slot.last_used < best.last_used):
                 best, best_len = slot, n
         # At least one prompt token must be decoded to get logits for the first sampled token.
@@ -359,8 +442,11 @@ class Scheduler:
                 sample_at.append((seq, n))
             n += 1
 
+        # One adapter set per decode (llama.cpp applies adapters to the whole context): the sets with work take
+        # turns, the one that waited longest first, so none waits more steps than there are other sets.
+        active = self._turn()
         # Decoding sequences first: one token each keeps every running stream moving every step.
-        for seq in self._running:
+        for seq in active:
             if seq.prefilled == len(seq.prompt):
                 add(seq, seq.next_token, True)
         # Then prompt chunks, oldest first, within what is left of the step's token budget. While streams are
@@ -368,7 +454,7 @@ class Scheduler:
         # latency on many steps instead of one long stall; with nothing decoding, prefill runs at full width.
         decoding = n
         limit = self._batch_size if n == 0 else min(self._batch_size, n + (self._prefill_chunk or self._budget.chunk()))
-        for seq in self._running:
+        for seq in active:
             budget = limit - n
             if budget <= 0:
                 break
@@ -382,6 +468,9 @@ class Scheduler:
             seq.prefilled += take
         if n == 0:
             return
+        if active:
+            self._use_adapter(active[0].adapter, active[0].lora)
+            self._turns[active[0].adapter] = self.steps
         batch.n_tokens = n
         started = time.perf_counter()
         rc = L.llama_decode(self._ctx, batch)
@@ -416,6 +505,17 @@ class Scheduler:
             self._release(seq)
         self._post(events)
 
+    def _turn(self) -> list[Sequence]:
+        """The running sequences of the adapter set whose turn it is (all of them when they share one)."""
+        groups: dict[str | None, list[Sequence]] = {}
+        for seq in self._running:
+            if seq.prefilled == len(seq.prompt) or (seq.prefilled < len(seq.prompt) and seq.fork_from is None):
+                groups.setdefault(seq.adapter, []).append(seq)
+        if len(groups) <= 1:
+            return next(iter(groups.values()), [])
+        key = min(groups, key=lambda k: self._turns.get(k, -1))
+        return groups[key]
+
     def _fail_batch(self, sample_at: list[tuple[Sequence, int]], rc: int) -> None:
         log.error("llama_decode failed with status %d; failing the %d sequences in the batch", rc, len(sample_at))
         self._fail_running(f"llama_decode failed with status {rc}")
@@ -442,6 +542,8 @@ class Scheduler:
         if seq.sampler is not None:
             seq.sampler.free()
             seq.sampler = None
+        if seq.adapter is not None and self._loras is not None:
+            self._loras.release_forgotten(self.adapters_in_use())
 
     @staticmethod
     def _post(events: list[tuple[Sequence, Event]]) -> None:

@@ -33,6 +33,8 @@ async def ready(request: Request) -> HealthResponse | JSONResponse:
     waiting = [m.name for m in state.models if not m.engine.ready]
     if waiting:
         return JSONResponse(error_body(503, f"loading: {', '.join(waiting)}"), status_code=503)
+    if not state.loaded:
+        return JSONResponse(error_body(503, "loading: LoRA adapters"), status_code=503)
     return HealthResponse(message="ready")
 
 

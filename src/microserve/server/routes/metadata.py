@@ -6,7 +6,8 @@ from fastapi import APIRouter, Request
 
 from microserve import __version__
 from microserve.engines.registry import engine_spec
-from microserve.protocol.metadata import Metadata, ModelInfo, Version
+from microserve.protocol.metadata import AdapterInfo, Metadata, ModelInfo, Version
+from microserve.server.adapters import AdapterManager
 from microserve.services.models import ModelTable
 
 router = APIRouter(tags=["nim"])
@@ -21,6 +22,18 @@ def _engines(models: ModelTable) -> dict[str, str | None]:
 async def metadata(request: Request) -> Metadata:
     """The served models with their task, profile, engine and source, and the engine library versions."""
     models: ModelTable = request.app.state.models
+    manager: AdapterManager = request.app.state.adapters
+    adapters = [
+        AdapterInfo(
+            name=a.name,
+            parent=a.parent,
+            rank=a.prepared.rank,
+            alpha=a.prepared.alpha,
+            format=a.prepared.source.format,
+            source=str(a.prepared.source.path),
+        )
+        for a in manager.served()
+    ]
     return Metadata(
         version=__version__,
         model_info=[
@@ -28,6 +41,7 @@ async def metadata(request: Request) -> Metadata:
             for m in models
         ],
         engines=_engines(models),
+        adapters=adapters,
     )
 
 

@@ -32,7 +32,8 @@ async def list_models(request: Request) -> ModelList:
             ModelCard(
                 id=model.name,
                 created=model.created,
-                root=model.name,
+                root=model.source if model.adapter is not None else model.name,
+                parent=model.parent,
                 max_model_len=length,
                 task=model.task,
                 profile=model.profile,
