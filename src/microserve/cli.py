@@ -87,6 +87,10 @@ def serve(
         bool | None,
         typer.Option("--prefix-cache/--no-prefix-cache", help="Reuse shared prompt prefixes (default: on)."),
     ] = None,
+    playground: Annotated[
+        bool | None,
+        typer.Option("--playground/--no-playground", help="Serve the web playground at /playground (default: on)."),
+    ] = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning or error.")] = None,
     log_format: Annotated[str | None, typer.Option(help="Log line format: text or json (default: text).")] = None,
     cache_dir: Annotated[Path | None, typer.Option(help="Model cache [~/.cache/microserve].")] = None,
@@ -127,6 +131,7 @@ def serve(
         encoder_workers=encoder_workers,
         prefill_chunk=prefill_chunk,
         prefix_cache=prefix_cache,
+        playground=playground,
         log_level=log_level,
         log_format=log_format,
         cache_dir=cache_dir,
@@ -272,6 +277,9 @@ def version() -> None:
 from microserve.cli_models import register as _register_model_commands  # noqa: E402
 
 _register_model_commands(app, _settings, _fail)
+from microserve.cli_chat import register as _register_chat  # noqa: E402
+
+_register_chat(app, _settings, _fail, _resolve_all)
 
 
 def main() -> None:

@@ -121,6 +121,7 @@ class Settings(BaseSettings):
     catalog_dir: Path | None = Field(
         None, description="A folder of extra model manifests (*.yaml) added to the built-in catalog."
     )
+    playground: bool = Field(True, description="Serve the web playground at /playground (and redirect / there).")
 
     @field_validator("embedding_model", "rerank_model", mode="before")
     @classmethod

@@ -23,7 +23,7 @@ from microserve.server.errors import install_error_handlers
 from microserve.server.limits import BodyLimitMiddleware
 from microserve.server.logging import RequestLogMiddleware, current_record
 from microserve.server.metrics import InstrumentedEncoder, InstrumentedEngine, Metrics, metrics_endpoint, route_label
-from microserve.server.routes import health, metadata, openai, retrieval
+from microserve.server.routes import health, metadata, openai, playground, retrieval
 from microserve.server.tracing import Tracing
 from microserve.services.chat import ChatService
 from microserve.services.completions import CompletionService
@@ -136,7 +136,12 @@ def create_app(settings: Settings, models: list[ResolvedModel], *, tracer_provid
 
     # Added innermost first: log/id → drain gate → API key → body limit → routes.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
-    app.add_middleware(ApiKeyMiddleware, digests=load_key_digests(settings), metrics_public=settings.metrics_public)
+    app.add_middleware(
+        ApiKeyMiddleware,
+        digests=load_key_digests(settings),
+        metrics_public=settings.metrics_public,
+        public_paths=playground.PUBLIC_PATHS if settings.playground else frozenset(),
+    )
     app.add_middleware(DrainMiddleware, state=drain)
     app.add_middleware(
         RequestLogMiddleware,
@@ -151,6 +156,8 @@ def create_app(settings: Settings, models: list[ResolvedModel], *, tracer_provid
     app.include_router(openai.router)
     app.include_router(health.router)
     app.include_router(metadata.router)
+    if settings.playground:
+        app.include_router(playground.router)
     for path in sorted(METRICS_PATHS):
         app.add_api_route(
             path,
