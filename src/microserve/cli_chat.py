@@ -293,7 +293,9 @@ def register(
         ] = None,
         model: Annotated[
             str | None,
-            typer.Option(help="Model to chat with; without --url, the model to serve [smollm2-135m-instruct]."),
+            typer.Option(
+                help="Model to chat with; without --url, the model to serve (default: smollm2-135m-instruct)."
+            ),
         ] = None,
         system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
         temperature: Annotated[float | None, typer.Option(help="Sampling temperature (0: greedy).")] = None,

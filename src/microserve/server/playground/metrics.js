@@ -142,7 +142,8 @@ export function drawChart(canvas, history, capacity) {
     ctx.lineTo(left + w, y + 0.5);
     ctx.stroke();
     ctx.textAlign = "right";
-    ctx.fillText(String(Math.round((maxToks * (2 - i)) / 2)), left - 4, y + 4);
+    const toks = (maxToks * (2 - i)) / 2;
+    ctx.fillText(Number.isInteger(toks) ? String(toks) : toks.toFixed(1), left - 4, y + 4);
     const running = (maxRunning * (2 - i)) / 2;
     if (Number.isInteger(running)) {
       ctx.textAlign = "left";
