@@ -5,10 +5,11 @@ Each wider file is derived from the shipped Q4_1 GGUF with llama.cpp's own quant
 ``microserve serve --model <gguf>``; all four servers are up at once. Quality: a fixed set of questions with known
 answers, asked greedily (temperature 0) through ``/v1/chat/completions``; an answer counts when, normalised (lower
 case, accents and punctuation dropped), it contains one of the accepted answers as whole words. Speed: closed-loop
-streamed ``/v1/completions`` (64 tokens, EOS ignored) at c = 1 and 16, the four servers taking turns within each
-repeat (the order rotated every repeat), the median of the repeats kept; the ratio is to Q4_1 in the same run.
+streamed ``/v1/completions`` (64 tokens, EOS ignored, c x 4 requests) at c = 1 and 16, the four servers taking
+turns within each repeat (the order rotated every repeat), the median of the repeats kept; the ratio is to Q4_1 in
+the same run.
 
-    .venv/bin/python bench/quality.py [--repeats 3] [--threads 2]
+    .venv/bin/python bench/quality.py [--repeats 3] [--threads 2] [--requests-per-worker 4]
 """
 
 from __future__ import annotations
@@ -116,6 +117,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--requests-per-worker", type=int, default=4, help="requests per level = c x this")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "quality")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -134,6 +136,9 @@ def main() -> int:
 
         answers = {p: [ask(s.base_url, p, q.text) for q in QUESTIONS] for p, s in servers.items()}
         scores = {p: [is_right(a, q.accepted) for a, q in zip(answers[p], QUESTIONS, strict=True)] for p in answers}
+        # Printed at once: the speed runs that follow take minutes on the wide files.
+        print_answers(files, answers, scores)
+        (args.out / "answers.json").write_text(json.dumps({"answers": answers, "scores": scores}, indent=2))
 
         for server in servers.values():  # warm caches and allocators
             asyncio.run(run_load(server.base_url, server.name, PROMPT, 2, 2, max_tokens=8))
@@ -143,11 +148,12 @@ def main() -> int:
             turn = order[repeat % len(order) :] + order[: repeat % len(order)]
             for c in LEVELS:
                 for precision in turn:
-                    result = asyncio.run(run_load(servers[precision].base_url, precision, PROMPT, c, c * 4))
+                    n = c * args.requests_per_worker
+                    result = asyncio.run(run_load(servers[precision].base_url, precision, PROMPT, c, n))
                     if result.n_failed:
                         raise SystemExit(f"{precision} c={c}: {result.n_failed} requests failed: {result.errors}")
                     rates.setdefault((precision, c), []).append(result.tok_s)
-                    print(f"repeat {repeat + 1} {precision} c={c}: {result.tok_s:.1f} tok/s", file=sys.stderr)
+                    print(f"repeat {repeat + 1} {precision} c={c}: {result.tok_s:.1f} tok/s", flush=True)
     finally:
         for server in servers.values():
             stop_server(server)
@@ -162,12 +168,6 @@ def main() -> int:
             f"| {p} | {size[p] / 2**20:.0f} | {sum(scores[p])}/{len(QUESTIONS)} | {one:.1f} | "
             f"{one / median[('Q4_1', 1)]:.2f} | {many:.1f} | {many / median[('Q4_1', 16)]:.2f} |"
         )
-    print()
-    print("| question | " + " | ".join(files) + " |")
-    print("|---|" + "---|" * len(files))
-    for i, q in enumerate(QUESTIONS):
-        cells = [("right" if scores[p][i] else "wrong") + f": {_cell(answers[p][i])}" for p in files]
-        print(f"| {q.text} | " + " | ".join(cells) + " |")
     report = {
         "questions": [q.text for q in QUESTIONS],
         "answers": answers,
@@ -177,6 +177,16 @@ def main() -> int:
     }
     (args.out / "quality.json").write_text(json.dumps(report, indent=2))
     return 0
+
+
+def print_answers(files: dict[str, Path], answers: dict[str, list[str]], scores: dict[str, list[bool]]) -> None:
+    """The answers, question by question, as a markdown table."""
+    print("| question | " + " | ".join(files) + " |")
+    print("|---|" + "---|" * len(files))
+    for i, q in enumerate(QUESTIONS):
+        cells = [("right" if scores[p][i] else "wrong") + f": {_cell(answers[p][i])}" for p in files]
+        print(f"| {q.text} | " + " | ".join(cells) + " |")
+    print("| right answers | " + " | ".join(f"{sum(scores[p])}/{len(QUESTIONS)}" for p in files) + " |", flush=True)
 
 
 def _cell(answer: str) -> str:
