@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import json
 import re
+import signal
 import statistics
 import sys
 import unicodedata
@@ -75,9 +76,10 @@ QUESTIONS = (
 
 
 def normalise(text: str) -> str:
-    """Lower case, accents dropped, anything but letters and digits turned into single spaces."""
-    plain = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
-    return " ".join(re.sub(r"[^a-z0-9]+", " ", plain.lower()).split())
+    """Lower case, accents dropped, anything but ASCII letters and digits turned into single spaces (so that
+    "0°C" reads as "0 c")."""
+    plain = "".join(c for c in unicodedata.normalize("NFKD", text.lower()) if not unicodedata.combining(c))
+    return " ".join(re.sub(r"[^a-z0-9]+", " ", plain).split())
 
 
 def is_right(answer: str, accepted: tuple[str, ...]) -> bool:
@@ -119,8 +121,11 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--requests-per-worker", type=int, default=4, help="requests per level = c x this")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "quality")
+    parser.add_argument("--speed-only", action="store_true", help="skip the questions; measure tok/s only")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    # A timeout's SIGTERM must still stop the servers (they run in sessions of their own).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     files = derived_files(args.out, args.threads)
 
     servers: dict[str, ServerProcess] = {}
@@ -134,11 +139,13 @@ def main() -> int:
                 precision, cmd, url, f"{url}/v1/health/ready", log_path=args.out / f"serve-{precision}.log"
             )
 
-        answers = {p: [ask(s.base_url, p, q.text) for q in QUESTIONS] for p, s in servers.items()}
-        scores = {p: [is_right(a, q.accepted) for a, q in zip(answers[p], QUESTIONS, strict=True)] for p in answers}
+        questions = () if args.speed_only else QUESTIONS
+        answers = {p: [ask(s.base_url, p, q.text) for q in questions] for p, s in servers.items()}
+        scores = {p: [is_right(a, q.accepted) for a, q in zip(answers[p], questions, strict=True)] for p in answers}
         # Printed at once: the speed runs that follow take minutes on the wide files.
-        print_answers(files, answers, scores)
-        (args.out / "answers.json").write_text(json.dumps({"answers": answers, "scores": scores}, indent=2))
+        if questions:
+            print_answers(files, answers, scores)
+            (args.out / "answers.json").write_text(json.dumps({"answers": answers, "scores": scores}, indent=2))
 
         for server in servers.values():  # warm caches and allocators
             asyncio.run(run_load(server.base_url, server.name, PROMPT, 2, 2, max_tokens=8))
@@ -165,7 +172,7 @@ def main() -> int:
     for p in files:
         one, many = median[(p, 1)], median[(p, 16)]
         print(
-            f"| {p} | {size[p] / 2**20:.0f} | {sum(scores[p])}/{len(QUESTIONS)} | {one:.1f} | "
+            f"| {p} | {size[p] / 2**20:.0f} | {sum(scores[p])}/{len(questions)} | {one:.1f} | "
             f"{one / median[('Q4_1', 1)]:.2f} | {many:.1f} | {many / median[('Q4_1', 16)]:.2f} |"
         )
     report = {
@@ -175,7 +182,7 @@ def main() -> int:
         "tok_s": {f"{p} c={c}": v for (p, c), v in rates.items()},
         "size": size,
     }
-    (args.out / "quality.json").write_text(json.dumps(report, indent=2))
+    (args.out / ("speed.json" if args.speed_only else "quality.json")).write_text(json.dumps(report, indent=2))
     return 0
 
 
