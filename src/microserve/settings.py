@@ -155,6 +155,8 @@ class Settings(BaseSettings):
         """The adapter directory: ``lora_dir`` when set, else ``<cache_dir>/loras``."""
         return (self.lora_dir or self.cache_dir / "loras").expanduser()
 
+    playground: bool = Field(True, description="Serve the web playground at /playground (and redirect / there).")
+
     @field_validator("embedding_model", "rerank_model", mode="before")
     @classmethod
     def _none_word(cls, value: object) -> object:

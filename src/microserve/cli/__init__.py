@@ -1,4 +1,4 @@
-"""The ``microserve`` command line: ``serve``, ``models``, ``profiles``, ``pull``, ``tune`` and ``version``.
+"""The ``microserve`` command line: ``serve``, ``models``, ``profiles``, ``pull``, ``tune``, ``chat`` and ``version``.
 
 Flags come from :class:`~microserve.settings.Settings` (see ``cli/options.py``); the commands only turn them into
 settings and call the layers below, which hold all the logic.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from microserve.cli import models, serve, tune
+from microserve.cli import chat, models, serve, tune
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="An open inference microservice.")
 
@@ -26,6 +26,7 @@ def version() -> None:
 serve.register(app)
 models.register(app)
 tune.register(app)
+chat.register(app)
 
 
 def main() -> None:

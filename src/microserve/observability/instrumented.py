@@ -163,6 +163,8 @@ class InstrumentedEngine(_Wrapper[TextEngine]):
         span = self._tracing.start(
             "engine.generate", {"gen_ai.request.model": name, "gen_ai.usage.input_tokens": len(request.prompt_tokens)}
         )
+        # Counted as the tokens come, so that a rate over the counter follows long streams while they run.
+        generated_tokens = m.generation_tokens.labels(name)
         try:
             async for delta in self.inner.generate(request):
                 now = time.monotonic()
@@ -180,6 +182,8 @@ class InstrumentedEngine(_Wrapper[TextEngine]):
                 # A coalesced delta carries several tokens: spread the gap over them.
                 for _ in range(new_after_first):
                     m.itl.labels(name).observe((now - last_at.get(i, started)) / max(new, 1))
+                if new:
+                    generated_tokens.inc(new)
                 completion[i] = delta.completion_tokens
                 last_at[i] = now
                 if delta.finish_reason is not None:
@@ -189,7 +193,6 @@ class InstrumentedEngine(_Wrapper[TextEngine]):
             generated = sum(completion.values())
             reasons = [finish.get(i, "abort") for i in range(max(request.n, 1))]
             m.prompt_tokens.labels(name).inc(len(request.prompt_tokens))
-            m.generation_tokens.labels(name).inc(generated)
             for reason in reasons:
                 m.success.labels(name, reason).inc()
             queued = record.queue_time if record is not None else 0.0

@@ -32,7 +32,7 @@ from microserve.server.errors import install_error_handlers
 from microserve.server.limits import BodyLimitMiddleware
 from microserve.server.logging import RequestLogMiddleware, route_label
 from microserve.server.routes import adapters as adapter_routes
-from microserve.server.routes import health, metadata, openai, retrieval
+from microserve.server.routes import health, metadata, openai, playground, retrieval
 from microserve.server.routes import metrics as metrics_routes
 from microserve.services.chat import ChatService
 from microserve.services.completions import CompletionService
@@ -168,7 +168,12 @@ def build_app(
 
     # Added innermost first: log/id → drain gate → API key → body limit → routes.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
-    app.add_middleware(ApiKeyMiddleware, digests=load_key_digests(settings), metrics_public=settings.metrics_public)
+    app.add_middleware(
+        ApiKeyMiddleware,
+        digests=load_key_digests(settings),
+        metrics_public=settings.metrics_public,
+        public_paths=playground.PUBLIC_PATHS if settings.playground else frozenset(),
+    )
     app.add_middleware(DrainMiddleware, state=drain)
     app.add_middleware(
         RequestLogMiddleware,
@@ -185,6 +190,8 @@ def build_app(
     app.include_router(health.router)
     app.include_router(metadata.router)
     app.include_router(metrics_routes.router)
+    if settings.playground:
+        app.include_router(playground.router)
     return app
 
 

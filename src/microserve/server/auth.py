@@ -64,10 +64,18 @@ def is_public(path: str, metrics_public: bool) -> bool:
 class ApiKeyMiddleware:
     """Rejects requests without a valid Bearer key with 401 before routing, so new routes are covered too."""
 
-    def __init__(self, app: ASGIApp, digests: list[bytes], metrics_public: bool = False) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        digests: list[bytes],
+        metrics_public: bool = False,
+        public_paths: frozenset[str] = frozenset(),
+    ) -> None:
         self.app = app
         self.digests = digests
         self.metrics_public = metrics_public
+        # Pages a browser navigates to (it cannot send a Bearer key); the API calls they make still need one.
+        self.public_paths = public_paths
 
     def _valid(self, presented: str) -> bool:
         candidate = _digest(presented)
@@ -78,7 +86,12 @@ class ApiKeyMiddleware:
         return matched
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.digests or is_public(scope["path"], self.metrics_public):
+        if (
+            scope["type"] != "http"
+            or not self.digests
+            or is_public(scope["path"], self.metrics_public)
+            or scope["path"] in self.public_paths
+        ):
             await self.app(scope, receive, send)
             return
         header = ""
