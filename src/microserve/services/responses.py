@@ -154,6 +154,8 @@ def input_items(request: ResponseRequest) -> list[dict[str, Any]]:
         elif isinstance(item, FunctionCallOutputItem):
             output = item.output if isinstance(item.output, str) else "".join(p.text for p in item.output)
             items.append({"type": "function_call_output", "call_id": item.call_id, "output": output})
+        elif item.type in ("message", "function_call", "function_call_output"):
+            raise InvalidRequest(f"`input[{i}]` is not a valid `{item.type}` item", param=f"input[{i}]")
         else:
             raise InvalidRequest(
                 f"`input[{i}]` is a `{item.type}` item, which this server does not take", param=f"input[{i}].type"
@@ -190,6 +192,8 @@ def chat_messages(instructions: str | None, items: list[dict[str, Any]]) -> list
 def _tools(request: ResponseRequest) -> tuple[list[dict[str, Any]] | None, Any]:
     tools = []
     for i, tool in enumerate(request.tools or []):
+        if not isinstance(tool, FunctionTool) and tool.type == "function":
+            raise InvalidRequest(f"`tools[{i}]` is not a valid function tool: it needs a `name`", param=f"tools[{i}]")
         if not isinstance(tool, FunctionTool):
             raise InvalidRequest(
                 f"`tools[{i}]` is a `{tool.type}` tool; this server runs no built-in tools, only `function` tools",
