@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Request
 
 from microserve.protocol.tokenize import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
@@ -15,7 +17,8 @@ router = APIRouter(tags=["tokenizer"], responses=ERRORS)
 async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
     """Token ids of a prompt or of chat messages rendered by the model's template."""
     service: TokenizeService = request.app.state.tokenizer
-    return service.tokenize(body)
+    # A prompt may be megabytes: tokenized off the event loop.
+    return await asyncio.to_thread(service.tokenize, body)
 
 
 @router.post("/detokenize", response_model=DetokenizeResponse)
