@@ -89,6 +89,7 @@ def test_tool_round_trip(smollm: Server) -> None:
         model=MODEL,
         max_tokens=40,
         tools=[WEATHER],  # type: ignore[list-item]
+        tool_choice={"type": "none"},
         messages=[question, {"role": "assistant", "content": first.content}, {"role": "user", "content": [result]}],  # type: ignore[list-item]
         temperature=0,
     )

@@ -71,7 +71,9 @@ def test_a_cross_origin_request_still_needs_the_key(browser_facing: Server) -> N
     assert refused.headers["access-control-allow-origin"] == ALLOWED  # so the page can read why
     served = httpx.post(url, json=body, headers={"Origin": ALLOWED, "Authorization": f"Bearer {KEY}"}, timeout=60)
     assert served.status_code == 200 and served.headers["access-control-allow-origin"] == ALLOWED
-    elsewhere = httpx.post(url, json=body, headers={"Origin": "https://evil.example", "Authorization": f"Bearer {KEY}"})
+    elsewhere = httpx.post(
+        url, json=body, headers={"Origin": "https://evil.example", "Authorization": f"Bearer {KEY}"}, timeout=60
+    )
     assert cors_headers(elsewhere) == {}
 
 

@@ -151,7 +151,8 @@ def test_lm_eval_local_completions_runs_and_matches_llama_cpp(smollm: Server, tm
     print(f"lm-eval accuracy: capitals {accuracy:.3f}, sums {results['microserve_sums']['exact_match,none']:.3f}")
 
     # Every choice's loglikelihood, as lm-eval encodes the pair, computed by llama.cpp directly.
-    direct = Llama(str(gguf), logits_all=True, n_ctx=512, n_threads=1, verbose=False)
+    # Flash attention on, as llama.cpp's default (auto) runs it in the engine on the CPU.
+    direct = Llama(str(gguf), logits_all=True, n_ctx=512, n_threads=1, flash_attn=True, verbose=False)
     samples = _samples(out, "microserve_capitals")
     assert len(samples) == len(CAPITALS)
     worst = 0.0
