@@ -195,6 +195,27 @@ class Settings(BaseSettings):
     ssl_certfile: Path | None = Field(None, description="TLS certificate (PEM); serves HTTPS when set.")
     ssl_keyfile: Path | None = Field(None, description="TLS private key (PEM).")
     ssl_ca_certs: Path | None = Field(None, description="CA bundle; when set, clients must present a certificate.")
+    cors_allow_origins: Annotated[list[str], NoDecode] = Field(
+        [],
+        description="Origins whose browser scripts may call the API (`*` for any); none by default, which turns "
+        "CORS off (comma-separated in env).",
+    )
+    cors_allow_methods: Annotated[list[str], NoDecode] = Field(
+        ["*"], description="Methods allowed cross-origin, with cors_allow_origins (`*` for any)."
+    )
+    cors_allow_headers: Annotated[list[str], NoDecode] = Field(
+        ["*"], description="Request headers allowed cross-origin, with cors_allow_origins (`*` for any)."
+    )
+    # -- the Responses API's stored responses ------------------------------------------------------------------
+    response_store_size: int = Field(
+        1024,
+        ge=0,
+        description="Most responses kept in memory for previous_response_id and GET /v1/responses/{id}; the "
+        "oldest go first (0 keeps none).",
+    )
+    response_store_bytes: int = Field(
+        64 * 1024 * 1024, ge=0, description="Most memory the stored responses take, as JSON bytes; the oldest go first."
+    )
 
     def queue_limit(self, slots: int) -> int:
         """Waiting requests allowed for a model with ``slots`` slots."""
@@ -219,7 +240,9 @@ class Settings(BaseSettings):
             return "json" if lowered in _TRUE else "text" if lowered in _FALSE else lowered
         return value
 
-    @field_validator("model", "served_model_name", mode="before")
+    @field_validator(
+        "model", "served_model_name", "cors_allow_origins", "cors_allow_methods", "cors_allow_headers", mode="before"
+    )
     @classmethod
     def _split(cls, value: object) -> object:
         if isinstance(value, str):

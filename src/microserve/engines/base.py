@@ -20,7 +20,7 @@ GuideKind = Literal["json", "regex", "choice", "grammar", "tool_calls"]
 
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
-    """How to pick each next token. Neutral values disable a stage."""
+    """How to pick each next token. Neutral values disable a stage. ``max_tokens`` 0 scores the prompt only."""
 
     max_tokens: int
     temperature: float = 1.0
@@ -75,6 +75,9 @@ class GenerationRequest:
     n: int = 1
     # The LoRA adapter to generate with, by the name the engine loaded it under; None: the base model.
     adapter: str | None = None
+    # Score the prompt: each prompt token's logprob given the tokens before it, with this many alternatives (0:
+    # the token's own only), in the first delta of choice 0. None: the prompt is not scored, and costs nothing more.
+    prompt_logprobs: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +104,10 @@ class GenerationDelta:
     index: int = 0
     # One entry per generated token in this delta when logprobs were requested (end-of-turn tokens excluded).
     logprobs: list[TokenLogprob] | None = None
+    # With ``prompt_logprobs``: one entry per prompt token, None for the first (nothing precedes it).
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    # The stop string that ended the choice, when one did.
+    stop_string: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +168,10 @@ class TextEngine(Protocol):
 
     def token_ids(self, text: str) -> list[int]:
         """Ids of a special-token string (``<end_of_turn>``); empty if the vocabulary lacks it."""
+        ...
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        """The text that token ids spell, as generated text spells it (special tokens render as nothing)."""
         ...
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:

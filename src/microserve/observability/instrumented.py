@@ -130,6 +130,10 @@ class InstrumentedEngine(_Wrapper[TextEngine]):
         """Special-token ids from the wrapped engine."""
         return self.inner.token_ids(text)
 
+    def detokenize(self, ids: Sequence[int]) -> str:
+        """Text of token ids from the wrapped engine."""
+        return self.inner.detokenize(ids)
+
     def stats(self) -> EngineStats:
         """The wrapped engine's load."""
         return self.inner.stats()

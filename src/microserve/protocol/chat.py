@@ -14,6 +14,17 @@ class TextPart(WireModel):
     text: str
 
 
+# Content parts of the media kinds OpenAI, vLLM and Anthropic define: parsed so that a model that takes text only can
+# refuse them by name, rather than with a schema error about strings.
+MediaKind = Literal[
+    "image_url", "input_image", "image", "input_audio", "audio_url", "video_url", "file", "input_file", "document"
+]
+
+
+class MediaPart(WireModel):
+    type: MediaKind
+
+
 class FunctionCall(WireModel):
     name: str
     arguments: str
@@ -27,7 +38,7 @@ class ToolCall(WireModel):
 
 class ChatMessage(WireModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | list[TextPart | MediaPart] | None = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
@@ -38,7 +49,15 @@ class ChatMessage(WireModel):
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "\n".join(part.text for part in self.content)
+        return "\n".join(part.text for part in self.content if isinstance(part, TextPart))
+
+    def media(self) -> tuple[int, str] | None:
+        """The index and kind of the first non-text content part, if any."""
+        if isinstance(self.content, list):
+            for i, part in enumerate(self.content):
+                if isinstance(part, MediaPart):
+                    return i, part.type
+        return None
 
 
 class FunctionDefinition(WireModel):
@@ -72,6 +91,8 @@ class JsonSchemaFormat(WireModel):
 class ResponseFormat(WireModel):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
+    # llama-server: ``{"type": "json_object", "schema": {...}}`` constrains to that schema.
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
 
 
 class ChatCompletionRequest(SamplingFields):

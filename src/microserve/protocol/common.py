@@ -19,8 +19,20 @@ class StreamOptions(WireModel):
     include_usage: bool = False
 
 
+class StructuredOutputs(WireModel):
+    """vLLM's ``structured_outputs`` object: the same constraints as the ``guided_*`` fields."""
+
+    json_: Any = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    structural_tag: Any = None  # not supported: refused by the service
+
+
 class GuidedFields(WireModel):
-    """NIM's ``nvext`` guided decoding, also accepted at the top level as vLLM does."""
+    """NIM's ``nvext`` guided decoding, also accepted at the top level as vLLM does, with llama-server's and vLLM's
+    other names for the same constraints."""
 
     guided_json: Any = None  # a schema object or its JSON text; checked by the service
     guided_regex: str | None = None
@@ -28,6 +40,10 @@ class GuidedFields(WireModel):
     guided_grammar: str | None = None
     guided_decoding_backend: str | None = None
     guided_whitespace_pattern: str | None = None
+    # llama-server: a GBNF grammar, and a JSON schema (object or JSON text)
+    grammar: str | None = None
+    json_schema: Any = None
+    structured_outputs: StructuredOutputs | None = None
 
 
 class NVExt(GuidedFields):
@@ -39,7 +55,13 @@ class NVExt(GuidedFields):
 
 
 class SamplingFields(GuidedFields):
-    """Sampling fields common to chat and completions, with OpenAI's bounds, plus llama.cpp/vLLM extensions."""
+    """Sampling fields common to chat and completions, with OpenAI's bounds, plus llama.cpp/vLLM extensions.
+
+    Unknown fields are kept (``model_extra``) so that the service can refuse those of other servers that would
+    change the output (``protocol/peer_fields.py``); the others are ignored.
+    """
+
+    model_config = ConfigDict(extra="allow")
 
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)

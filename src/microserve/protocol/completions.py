@@ -8,11 +8,15 @@ from pydantic import BaseModel, Field
 
 from microserve.protocol.common import FinishReason, SamplingFields, Usage
 
+# A prompt: text, texts, token ids, or lists of token ids (one prompt each), as OpenAI's legacy API takes them.
+Prompt = str | list[str] | list[int] | list[list[int]]
+
 
 class CompletionRequest(SamplingFields):
     model: str
-    prompt: str | list[str]
-    max_tokens: int | None = Field(16, ge=1)
+    prompt: Prompt
+    # 0 only with ``echo``: the prompt is scored (with ``logprobs``) and nothing is generated.
+    max_tokens: int | None = Field(16, ge=0)
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=5)
     suffix: str | None = None
@@ -20,7 +24,8 @@ class CompletionRequest(SamplingFields):
 
 
 class CompletionLogprobs(BaseModel):
-    """The legacy logprobs shape: parallel lists, one entry per generated token."""
+    """The legacy logprobs shape: parallel lists, one entry per token (the echoed prompt's first, then the
+    generated ones); the prompt's first token has null logprobs, as nothing precedes it."""
 
     tokens: list[str]
     token_logprobs: list[float | None]

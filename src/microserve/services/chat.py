@@ -75,12 +75,39 @@ def _response_format_guide(request: ChatCompletionRequest) -> Guide | None:
     if fmt is None or fmt.type == "text":
         return None
     if fmt.type == "json_object":
+        if fmt.schema_ is not None:
+            return Guide("json", fmt.schema_, "response_format.schema")
         return Guide("json", {"type": "object"}, "response_format")
     if fmt.json_schema is None or fmt.json_schema.schema_ is None:
         raise InvalidRequest(
             "response_format of type json_schema needs `json_schema.schema`", param="response_format.json_schema"
         )
     return Guide("json", fmt.json_schema.schema_, "response_format.json_schema.schema")
+
+
+def refuse_media(request: ChatCompletionRequest, model: str) -> None:
+    """A 400 naming the first content part that is not text: the served models take text only."""
+    for i, message in enumerate(request.messages):
+        media = message.media()
+        if media is not None:
+            j, kind = media
+            what = (
+                "image" if "image" in kind else "audio" if "audio" in kind else "video" if "video" in kind else "file"
+            )
+            raise InvalidRequest(
+                f"`messages[{i}].content[{j}]` is an `{kind}` part, but `{model}` takes text only: {what} input is "
+                "not supported",
+                param=f"messages[{i}].content[{j}]",
+                code="unsupported_content",
+            )
+
+
+def render_prompt(model: ServedModel, request: ChatCompletionRequest, plan: ToolPlan) -> str:
+    """The prompt text: the messages (and tools) through the model's chat template."""
+    template = model.template
+    native = template.supports_tools
+    messages = template_messages(request.messages, plan, native=native)
+    return template.render(messages, tools=native_tools(plan) if native else None)
 
 
 @dataclass(slots=True)
@@ -94,6 +121,8 @@ class PreparedChat:
     include_usage: bool
     tools: ToolPlan = field(default_factory=lambda: ToolPlan("none"))
     top_logprobs: int | None = None
+    # Choice index -> the stop string that ended it, filled in as the choices finish.
+    stopped_by: dict[int, str] = field(default_factory=dict)
 
     @property
     def n(self) -> int:
@@ -116,6 +145,7 @@ class ChatService(GenerationService):
         model = self._model(request.model, request, messages=len(request.messages), requested=requested)
         engine = model.text_engine
         template = model.template
+        refuse_media(request, model.name)
         if request.top_logprobs is not None and not request.logprobs:
             raise InvalidRequest("`top_logprobs` requires `logprobs` to be true", param="top_logprobs")
         plan = plan_tools(request.tools, request.tool_choice, request.parallel_tool_calls)
@@ -125,11 +155,8 @@ class ChatService(GenerationService):
                 f"`{guide.param}` cannot be combined with tool calls; set tool_choice to none", param=guide.param
             )
         guide = await self._checked(model, guide or plan.guide)
-        native = template.supports_tools
-        messages = template_messages(request.messages, plan, native=native)
-        prompt_text = template.render(messages, tools=native_tools(plan) if native else None)
         info = engine.info
-        prompt = engine.encode_prompt(prompt_text)
+        prompt = engine.encode_prompt(render_prompt(model, request, plan))
         max_tokens = self._budget(requested, len(prompt), info.context_length)
         stops = list(self._stops(request))
         stop_ids: tuple[int, ...] = ()
@@ -159,6 +186,13 @@ class ChatService(GenerationService):
             top_logprobs=top,
         )
 
+    def prompt_tokens(self, request: ChatCompletionRequest) -> list[int]:
+        """The prompt's token ids as ``prepare`` renders them, tools included, for counting: no budget, no guide."""
+        model = self._model(request.model, request, messages=len(request.messages), requested=None)
+        refuse_media(request, model.name)
+        plan = plan_tools(request.tools, request.tool_choice, request.parallel_tool_calls)
+        return model.text_engine.encode_prompt(render_prompt(model, request, plan))
+
     def _parser(self, prepared: PreparedChat) -> ToolCallParser | None:
         plan = prepared.tools
         return ToolCallParser(plan.names, parallel=plan.parallel) if plan.active else None
@@ -173,6 +207,8 @@ class ChatService(GenerationService):
             parts[delta.index].append(delta.text)
             logprobs[delta.index].extend(delta.logprobs or ())
             last[delta.index] = delta
+            if delta.stop_string is not None:
+                prepared.stopped_by[delta.index] = delta.stop_string
         choices = []
         for i in range(n):
             text = "".join(parts[i])
@@ -243,6 +279,8 @@ class ChatService(GenerationService):
             i = delta.index
             last[i] = delta
             pending[i].extend(delta.logprobs or ())
+            if delta.stop_string is not None:
+                prepared.stopped_by[i] = delta.stop_string
             parser = parsers[i]
             if parser is None:
                 if delta.text or delta.finish_reason:

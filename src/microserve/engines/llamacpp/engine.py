@@ -7,6 +7,7 @@ import ctypes
 import logging
 import re
 from collections.abc import AsyncIterator
+from collections.abc import Sequence as Ids
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -25,7 +26,15 @@ from microserve.engines.llamacpp.grammar import GrammarCache
 from microserve.engines.llamacpp.log import install_log_capture
 from microserve.engines.llamacpp.lora import AdapterUnavailable, LoraSet
 from microserve.engines.llamacpp.sampling import SequenceSampler, build_sampler
-from microserve.engines.llamacpp.scheduler import Admitted, Event, Failure, Scheduler, Sequence, Token
+from microserve.engines.llamacpp.scheduler import (
+    Admitted,
+    Event,
+    Failure,
+    PromptScores,
+    Scheduler,
+    Sequence,
+    Token,
+)
 from microserve.engines.llamacpp.sequence import TextAssembler
 from microserve.engines.llamacpp.structured import GrammarBuilder
 from microserve.errors import EngineFailure, InvalidRequest, NotReady
@@ -161,6 +170,7 @@ class LlamaCppEngine:
         self._loras = LoraSet(model, cfg.max_loras)
         self._scheduler = Scheduler(
             ctx,
+            n_vocab=n_vocab,
             n_slots=cfg.parallel,
             n_ctx_seq=n_ctx_seq,
             batch_size=cfg.batch_size,
@@ -244,6 +254,12 @@ class LlamaCppEngine:
         ids = self.tokenize(text, add_special=False, parse_special=True)
         return ids if len(ids) == 1 else []
 
+    def detokenize(self, ids: Ids[int]) -> str:
+        """The text of ``ids`` as generated text spells it: special tokens render as nothing."""
+        if self._vocab is None:
+            raise NotReady("the model is still loading")
+        return b"".join(self.piece(t) for t in ids).decode("utf-8", errors="replace")
+
     def piece(self, token: int) -> bytes:
         """The bytes a token stands for in generated text (special tokens render as nothing)."""
         cached = self._pieces.get(token)
@@ -319,6 +335,12 @@ class LlamaCppEngine:
             top=tuple((self.piece(t), lp) for t, lp in token.top),
         )
 
+    def _prompt_logprobs(self, event: PromptScores) -> list[TokenLogprob | None]:
+        entries: list[TokenLogprob | None] = [None]
+        for token, logprob, top in event.scores:
+            entries.append(TokenLogprob(token, self.piece(token), logprob, tuple((self.piece(t), lp) for t, lp in top)))
+        return entries
+
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
         """Stream the deltas of all ``n`` choices; leaving the iterator early cancels the sequences at the next step.
 
@@ -331,6 +353,8 @@ class LlamaCppEngine:
         limit = self.info.context_length
         if not prompt:
             raise InvalidRequest("the prompt is empty", param="prompt")
+        if min(prompt) < 0 or max(prompt) >= self._n_vocab:
+            raise InvalidRequest(f"the prompt holds a token id outside [0, {self._n_vocab})", param="prompt")
         if len(prompt) + request.params.max_tokens > limit:
             raise InvalidRequest(
                 f"This model's maximum context length is {limit} tokens, but {len(prompt)} prompt tokens "
@@ -359,6 +383,7 @@ class LlamaCppEngine:
                     grammar_triggers=triggers,
                     top_logprobs=request.logprobs,
                     adapter=request.adapter,
+                    prompt_logprobs=request.prompt_logprobs if index == 0 else None,
                     fork_from=seqs[0] if index else None,
                 )
             )
@@ -370,6 +395,7 @@ class LlamaCppEngine:
         # Logprobs of tokens whose text is held back as a possible stop string: listed once the text is emitted,
         # dropped if it was a stop string, so that the listed tokens always spell the content.
         held: list[list[TokenLogprob]] = [[] for _ in range(n)]
+        scored = False
         for seq in seqs:
             scheduler.submit(seq)
         try:
@@ -385,6 +411,8 @@ class LlamaCppEngine:
                         raise EngineFailure(f"generation failed: {event.message}")
                     if isinstance(event, Admitted):
                         cached[index] = event.cached_tokens
+                    elif isinstance(event, PromptScores):
+                        pending.setdefault(index, _Pending()).prompt = self._prompt_logprobs(event)
                     elif not done[index]:
                         part = pending.setdefault(index, _Pending())
                         engine_done[index] = event.finish is not None
@@ -412,6 +440,7 @@ class LlamaCppEngine:
                         part.parts.append(emitted)
                         if stopped:
                             part.finish = "stop"
+                            part.stop_string = texts[index].matched_stop
                         elif event.finish is not None:
                             part.finish = "stop" if event.finish == "stop" else "length"
                             part.parts.append(texts[index].finish())
@@ -424,8 +453,12 @@ class LlamaCppEngine:
                         break
                     index, event = queue.get_nowait()
                 for i, part in sorted(pending.items()):
-                    if not part.ids and part.finish is None:
+                    if not part.ids and part.finish is None and part.prompt is None:
                         continue
+                    if i == 0 and request.prompt_logprobs is not None and not scored:
+                        # A one-token prompt has nothing to score: its entry is the first token's null.
+                        part.prompt = part.prompt or [None]
+                        scored = True
                     yield GenerationDelta(
                         text="".join(part.parts),
                         token_ids=part.ids,
@@ -435,6 +468,8 @@ class LlamaCppEngine:
                         cached_tokens=cached[i],
                         index=i,
                         logprobs=part.logprobs if request.logprobs is not None else None,
+                        prompt_logprobs=part.prompt,
+                        stop_string=part.stop_string,
                     )
         finally:
             # Covers a client that went away and a stop string that ended the text before the engine did.
@@ -464,3 +499,5 @@ class _Pending:
     ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish: FinishReason | None = None
+    prompt: list[TokenLogprob | None] | None = None
+    stop_string: str | None = None
