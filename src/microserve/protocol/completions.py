@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 
-from microserve.protocol.common import FinishReason, SamplingFields, Usage
+from microserve.protocol.common import FinishReason, Reply, SamplingFields, Usage, omitted_if_none
+
+PromptText = Annotated[str, Field(min_length=1)]
 
 
 class CompletionRequest(SamplingFields):
+    # A null prompt means OpenAI's default, the start of a document (see services/completions.py).
+    null_means_default = SamplingFields.null_means_default | {"echo", "max_tokens"}
+
     model: str
-    prompt: str | list[str]
+    prompt: PromptText | Annotated[list[PromptText], Field(min_length=1)] | None = None
     max_tokens: int | None = Field(16, ge=1)
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=5)
@@ -19,7 +24,7 @@ class CompletionRequest(SamplingFields):
     best_of: int | None = Field(None, ge=1)
 
 
-class CompletionLogprobs(BaseModel):
+class CompletionLogprobs(Reply):
     """The legacy logprobs shape: parallel lists, one entry per generated token."""
 
     tokens: list[str]
@@ -28,18 +33,21 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int]
 
 
-class CompletionChoice(BaseModel):
+class CompletionChoice(Reply):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
+    # Null in a streamed chunk before the choice's last, as OpenAI streams it.
     finish_reason: FinishReason | None
 
 
-class Completion(BaseModel):
+class Completion(Reply):
+    """A ``text_completion``, and each streamed chunk of one (OpenAI streams the same shape)."""
+
     id: str
     object: Literal["text_completion"] = "text_completion"
     created: int
     model: str
     choices: list[CompletionChoice]
-    usage: Usage | None = None
-    system_fingerprint: str | None = None
+    usage: Usage | None = omitted_if_none()
+    system_fingerprint: str | None = omitted_if_none()

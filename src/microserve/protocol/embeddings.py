@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictInt
 
 from microserve.protocol.common import WireModel
 
-EmbeddingInput = str | list[str] | list[int] | list[list[int]]
+MAX_INPUTS = 2048  # OpenAI's limit on inputs per request
+# Token ids are JSON integers: a strict int, so that `false` is refused rather than read as token 0.
+TokenId = Annotated[StrictInt, Field(ge=0)]
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
+InputText = Annotated[str, Field(min_length=1)]
+EmbeddingInput = (
+    InputText
+    | Annotated[list[InputText], Field(min_length=1, max_length=MAX_INPUTS)]
+    | TokenIds
+    | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_INPUTS)]
+)
 Truncate = Literal["NONE", "START", "END"]
 
 

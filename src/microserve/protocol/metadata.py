@@ -17,6 +17,14 @@ class ModelInfo(BaseModel):
     engine: str | None
 
 
+class CpuInfo(BaseModel):
+    """The CPUs the service found: all of them, those it may use (affinity and cgroup quota), and the quota."""
+
+    logical_cores: int
+    usable_cores: int
+    cpu_quota: float | None = Field(None, description="CPUs the cgroup quota (cpu.max) allows; null: no quota.")
+
+
 class Metadata(BaseModel):
     """``GET /v1/metadata``."""
 
@@ -26,6 +34,7 @@ class Metadata(BaseModel):
     model_info: list[ModelInfo] = Field(serialization_alias="modelInfo")
     engines: dict[str, str | None]
     repository_override: str = ""
+    cpu: CpuInfo | None = None
 
 
 class Version(BaseModel):

@@ -26,10 +26,12 @@ from microserve.observability.record import current_record
 from microserve.observability.tracing import Tracing
 from microserve.server.admission import Admission
 from microserve.server.auth import HEALTH_PATHS, METRICS_PATHS, ApiKeyMiddleware, load_key_digests
+from microserve.server.body_text import BodyTextMiddleware
 from microserve.server.drain import DrainMiddleware, DrainState
-from microserve.server.errors import install_error_handlers
+from microserve.server.errors import UnhandledErrorMiddleware, install_error_handlers
 from microserve.server.limits import BodyLimitMiddleware
 from microserve.server.logging import RequestLogMiddleware, route_label
+from microserve.server.openapi import install_openapi
 from microserve.server.routes import health, metadata, openai, retrieval
 from microserve.server.routes import metrics as metrics_routes
 from microserve.services.chat import ChatService
@@ -135,7 +137,7 @@ def build_app(
     app.state.plan = plan
     app.state.models = models
     app.state.load_error = None
-    app.state.chat = ChatService(models, limits)
+    app.state.chat = ChatService(models, limits, content_special_tokens=settings.chat_content_special_tokens)
     app.state.completions = CompletionService(models, limits)
     app.state.embeddings = EmbeddingService(models)
     app.state.ranking = RankingService(models)
@@ -144,11 +146,14 @@ def build_app(
     app.state.tracing = tracing
     app.state.drain = drain
     install_error_handlers(app)
+    install_openapi(app, limits)
 
     def count_response(scope: Scope, status: int) -> None:
         metrics.count_response(scope["method"], route_label(scope), status)
 
-    # Added innermost first: log/id → drain gate → API key → body limit → routes.
+    # Added innermost first: log/id → drain gate → API key → body limit → body text → last-resort 500 → routes.
+    app.add_middleware(UnhandledErrorMiddleware)
+    app.add_middleware(BodyTextMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(ApiKeyMiddleware, digests=load_key_digests(settings), metrics_public=settings.metrics_public)
     app.add_middleware(DrainMiddleware, state=drain)

@@ -84,6 +84,20 @@ class _LegacyLogprobs:
         )
 
 
+def document_start(model: ServedModel) -> list[int]:
+    """The prompt of a request without one: the start of a document, as OpenAI's default prompt
+    (``<|endoftext|>``) is: the model's BOS token, or its end-of-text token where it has no BOS."""
+    engine = model.text_engine
+    info = engine.info
+    tokens = engine.encode_prompt("")
+    for text in (info.bos_token, info.eos_token):
+        if not tokens and text:
+            tokens = engine.token_ids(text)
+    if not tokens:
+        raise InvalidRequest(f"`{model.name}` has no start-of-text token; send a `prompt`", param="prompt")
+    return tokens
+
+
 class CompletionService(GenerationService):
     """Serves ``/v1/completions``."""
 
@@ -98,7 +112,10 @@ class CompletionService(GenerationService):
             raise InvalidRequest("`best_of` other than `n` is not supported", param="best_of")
         if request.echo and request.logprobs is not None:
             raise InvalidRequest("`echo` with `logprobs` (prompt logprobs) is not supported", param="echo")
-        prompts = [request.prompt] if isinstance(request.prompt, str) else list(request.prompt)
+        if request.prompt is None:
+            prompts = [""]
+        else:
+            prompts = [request.prompt] if isinstance(request.prompt, str) else list(request.prompt)
         if not prompts:
             raise InvalidRequest("`prompt` must not be an empty list", param="prompt")
         guide = await self._checked(model, self._guide(request))
@@ -106,21 +123,21 @@ class CompletionService(GenerationService):
         request_id = f"cmpl-{uuid.uuid4().hex}"
         generations = []
         for i, text in enumerate(prompts):
-            tokens = engine.encode_prompt(text)
-            generations.append(
-                GenerationRequest(
-                    request_id=f"{request_id}-{i}",
-                    prompt_tokens=tokens,
-                    params=sampling_params(
-                        request, self._budget(request.max_tokens, len(tokens), info.context_length), info.vocab_size
-                    ),
-                    stop=stops,
-                    guide=guide,
-                    logprobs=request.logprobs,
-                    n=request.n,
-                    adapter=model.adapter,
-                )
+            tokens = engine.encode_prompt(text) if request.prompt is not None else document_start(model)
+            generation = GenerationRequest(
+                request_id=f"{request_id}-{i}",
+                prompt_tokens=tokens,
+                params=sampling_params(
+                    request, self._budget(request.max_tokens, len(tokens), info.context_length), info.vocab_size
+                ),
+                stop=stops,
+                guide=guide,
+                logprobs=request.logprobs,
+                n=request.n,
+                adapter=model.adapter,
             )
+            engine.check_request(generation)
+            generations.append(generation)
         return PreparedCompletion(
             id=request_id,
             created=int(time.time()),
