@@ -162,3 +162,12 @@ def test_log_values_from_clients_cannot_break_a_line() -> None:
     record = logging.LogRecord("x", logging.INFO, __file__, 1, "path=%s", ("/a\r\nINFO forged",), None)
     line = TextFormatter("%(levelname)s %(message)s").format(record)
     assert "\n" not in line and "\r" not in line and line.endswith("/a\\r\\nINFO forged")
+
+
+def test_an_error_body_quoting_a_lone_surrogate_still_renders() -> None:
+    from microserve.errors import ModelNotFound
+    from microserve.server.errors import ErrorJSON
+
+    error = ModelNotFound("m\ud800", ["smollm2-135m-instruct"])
+    body = json.loads(ErrorJSON(error.body(), status_code=404).body)
+    assert body["error"]["code"] == "model_not_found" and "\ud800" in body["error"]["message"]

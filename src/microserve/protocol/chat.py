@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
-from microserve.protocol.common import FinishReason, Reply, SamplingFields, Usage, WireModel, omitted_if_none
+from microserve.protocol.common import (
+    FinishReason,
+    Integral,
+    Reply,
+    SamplingFields,
+    Usage,
+    WireModel,
+    omitted_if_none,
+)
 
 
 class TextPart(WireModel):
@@ -79,14 +87,14 @@ class ChatCompletionRequest(SamplingFields):
 
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: Annotated[int, Field(ge=1), Integral] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1), Integral] | None = None
     response_format: ResponseFormat | None = None
     tools: list[ToolDefinition] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: Annotated[int, Field(ge=0, le=20), Integral] | None = None
 
     @field_validator("top_logprobs")
     @classmethod

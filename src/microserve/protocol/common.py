@@ -4,11 +4,22 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, model_validator
 
 MAX_STOP_SEQUENCES = 4
 # A logit_bias key: a token id in ASCII decimal digits (int() would also take "²" or "--5" past str.isdigit()).
 TOKEN_ID_KEY = r"^[0-9]{1,10}$"
+
+
+def _integral(value: Any) -> Any:
+    # JSON Schema's integer is any number with a zero fraction (5.0 included); strings and booleans are not.
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# Marks an integer field of a request (after its Field constraints, so that they stay in the JSON schema): it
+# takes a JSON integer or a number with a zero fraction, never "5" or true (the models are strict).
+Integral = BeforeValidator(_integral)
+JsonInt = Annotated[int, Integral]
 
 
 def _is_none(value: object) -> bool:
@@ -22,9 +33,10 @@ def omitted_if_none(default: Any = None, **kwargs: Any) -> Any:
 
 
 class WireModel(BaseModel):
-    """Base of every request model: unknown fields are ignored, as OpenAI-compatible servers do."""
+    """Base of every request model: unknown fields are ignored, as OpenAI-compatible servers do. Values are taken
+    strictly, as JSON types, as their JSON schema says (and OpenAI does): ``"5"`` or ``true`` is not an integer."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 class Reply(BaseModel):
@@ -53,7 +65,9 @@ class NullMeansDefault(WireModel):
     is allowed."""
 
     null_means_default: ClassVar[frozenset[str]] = frozenset()
-    model_config = ConfigDict(extra="ignore", json_schema_extra=lambda schema, cls: cls.schema_extra(schema))
+    model_config = ConfigDict(
+        extra="ignore", strict=True, json_schema_extra=lambda schema, cls: cls.schema_extra(schema)
+    )
 
     @classmethod
     def schema_extra(cls, schema: dict[str, Any]) -> None:
@@ -89,7 +103,7 @@ class GuidedFields(WireModel):
 class NVExt(GuidedFields):
     """NIM's extension object; its sampling extras mirror the top-level extension fields."""
 
-    top_k: int | None = Field(None, ge=-1)
+    top_k: Annotated[int, Field(ge=-1), Integral] | None = None
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
     ignore_eos: bool | None = None
 
@@ -105,7 +119,7 @@ class SamplingFields(NullMeansDefault, GuidedFields):
 
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, ge=0.0, le=1.0)
-    seed: int | None = None
+    seed: JsonInt | None = None
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     stop: str | Annotated[list[str], Field(max_length=MAX_STOP_SEQUENCES)] | None = None
@@ -116,9 +130,9 @@ class SamplingFields(NullMeansDefault, GuidedFields):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    n: int = Field(1, ge=1, le=128)
+    n: Annotated[int, Field(ge=1, le=128), Integral] = 1
     # Extensions that vLLM and llama-server accept under the same names.
-    top_k: int | None = Field(None, ge=-1)
+    top_k: Annotated[int, Field(ge=-1), Integral] | None = None
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
     ignore_eos: bool = False

@@ -6,9 +6,10 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
-from microserve.protocol.common import FinishReason, Reply, SamplingFields, Usage, omitted_if_none
+from microserve.protocol.common import FinishReason, Integral, Reply, SamplingFields, Usage, omitted_if_none
 
 PromptText = Annotated[str, Field(min_length=1)]
+DEFAULT_MAX_TOKENS = 16  # OpenAI's
 
 
 class CompletionRequest(SamplingFields):
@@ -17,11 +18,11 @@ class CompletionRequest(SamplingFields):
 
     model: str
     prompt: PromptText | Annotated[list[PromptText], Field(min_length=1)] | None = None
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: Annotated[int, Field(ge=1), Integral] | None = DEFAULT_MAX_TOKENS
     echo: bool = False
-    logprobs: int | None = Field(None, ge=0, le=5)
+    logprobs: Annotated[int, Field(ge=0, le=5), Integral] | None = None
     suffix: str | None = None
-    best_of: int | None = Field(None, ge=1)
+    best_of: Annotated[int, Field(ge=1), Integral] | None = None
 
 
 class CompletionLogprobs(Reply):

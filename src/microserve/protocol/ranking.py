@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field
 
-from microserve.protocol.common import WireModel
+from microserve.protocol.common import Integral, WireModel
 
 MAX_PASSAGES = 1000
 # A model named explicitly must be named: "" is not "the default model".
@@ -53,7 +53,7 @@ class RerankRequest(WireModel):
     model: ModelName | None = None
     query: str = Field(min_length=1)
     documents: list[str | TextItem] = Field(min_length=1, max_length=MAX_PASSAGES)
-    top_n: int | None = Field(None, ge=1)
+    top_n: Annotated[int, Field(ge=1), Integral] | None = None
     return_documents: bool = True
     truncate: Literal["NONE", "END"] = "END"
 

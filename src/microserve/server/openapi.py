@@ -61,6 +61,9 @@ def apply_limits(schema: dict[str, Any], limits: RequestLimits) -> dict[str, Any
         if limits.max_tokens is not None:
             for field in ("max_tokens", "max_completion_tokens"):
                 _cap(props.get(field), "integer", maximum=limits.max_tokens)
+                default = props.get(field, {}).get("default")
+                if isinstance(default, int) and default > limits.max_tokens:
+                    props[field]["default"] = limits.max_tokens  # the operator's limit caps the default too
     for path in _STREAMED_ROUTES:
         reply = schema.get("paths", {}).get(path, {}).get("post", {}).get("responses", {}).get("200")
         if reply is not None:

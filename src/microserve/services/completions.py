@@ -13,7 +13,13 @@ from dataclasses import dataclass, field
 from microserve.engines.base import GenerationDelta, GenerationRequest, TokenLogprob
 from microserve.errors import InvalidRequest
 from microserve.protocol.common import Usage
-from microserve.protocol.completions import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest
+from microserve.protocol.completions import (
+    DEFAULT_MAX_TOKENS,
+    Completion,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+)
 from microserve.services.chat import usage_of_choices
 from microserve.services.fanout import interleave
 from microserve.services.generation import GenerationService, sampling_params
@@ -103,7 +109,10 @@ class CompletionService(GenerationService):
 
     async def prepare(self, request: CompletionRequest) -> PreparedCompletion:
         """Tokenize and validate every prompt; raises a ServiceError for anything the client must fix."""
-        model = self._model(request.model, request, requested=request.max_tokens)
+        # OpenAI's default of 16 completion tokens is not a request: an operator's lower limit caps it.
+        explicit = "max_tokens" in request.model_fields_set
+        model = self._model(request.model, request, requested=request.max_tokens if explicit else None)
+        wanted = request.max_tokens if explicit else self._limits.default_max_tokens(DEFAULT_MAX_TOKENS)
         engine = model.text_engine
         info = engine.info
         if request.suffix:
@@ -128,7 +137,7 @@ class CompletionService(GenerationService):
                 request_id=f"{request_id}-{i}",
                 prompt_tokens=tokens,
                 params=sampling_params(
-                    request, self._budget(request.max_tokens, len(tokens), info.context_length), info.vocab_size
+                    request, self._budget(wanted, len(tokens), info.context_length), info.vocab_size
                 ),
                 stop=stops,
                 guide=guide,
