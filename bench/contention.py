@@ -2,10 +2,13 @@
 
 Both servers run the same GGUF with their default settings (llama-server is built from the pinned llama.cpp by
 ``bench/peers.py``). For each condition, quiet, one neighbour (a busy loop pinned to CPU 0) and two neighbours (one
-pinned to each of CPUs 0 and 1), and each concurrency, every server gets a closed-loop streaming run of
-``bench/loadgen.py``, the servers taking turns (who goes first swaps every repeat) so that the machine's drift falls
-on all of them alike. The neighbours are this script's own processes; the machine must otherwise be quiet (the
-load average is printed before and after).
+pinned to each of CPUs 0 and 1), and each concurrency, every server gets a closed-loop streamed ``/v1/completions``
+load for a fixed window of time (64 tokens a request, EOS ignored, greedy), the servers taking turns (who goes
+first swaps every repeat) so that the machine's drift falls on all of them alike. A window, not a request count: a
+server that collapses under contention would otherwise take many minutes a cell. Throughput counts the tokens
+streamed within the window (a finished request's reported usage; a request cut off by the window end, its chunks);
+TTFT is over the requests that got a first token. The neighbours are this script's own processes; the machine must
+otherwise be quiet (the load average is printed before and after).
 
 The report gives tok/s and TTFT per server, condition and concurrency, each server's throughput under contention
 as a fraction of its own quiet throughput, and microserve/llama-server. Extra microserve variants
@@ -34,7 +37,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from loadgen import LoadResult, ServerProcess, free_port, microserve_cmd, run_load, start_server, stop_server
+import httpx
+
+from loadgen import ServerProcess, free_port, microserve_cmd, percentile, run_load, start_server, stop_server
 from peers import ensure_peers
 from vs_llama_server import DEFAULT_PROMPT, resolve_model, served_model_id
 
@@ -49,13 +54,90 @@ NEIGHBOUR = "import os, sys\nos.sched_setaffinity(0, {int(sys.argv[1])})\nwhile 
 
 
 @dataclass
+class Window:
+    """One closed-loop window at a fixed concurrency (latencies in milliseconds)."""
+
+    concurrency: int
+    seconds: float
+    tokens: int
+    requests: int
+    errors: int
+    ttfts: list[float] = field(default_factory=list)
+
+    @property
+    def tok_s(self) -> float:
+        return self.tokens / self.seconds
+
+    @property
+    def ttft_p50_ms(self) -> float:
+        return percentile(self.ttfts, 50) * 1e3
+
+    @property
+    def ttft_p90_ms(self) -> float:
+        return percentile(self.ttfts, 90) * 1e3
+
+
+async def window_load(
+    base_url: str, model: str, prompt: str, concurrency: int, seconds: float, max_tokens: int
+) -> Window:
+    """``concurrency`` workers stream requests back to back for ``seconds``; what arrived within the window."""
+    payload = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+               "ignore_eos": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    result = Window(concurrency, seconds, 0, 0, 0)
+    start = time.perf_counter()
+    deadline = start + seconds
+
+    async def one(client: httpx.AsyncClient) -> None:
+        sent = time.perf_counter()
+        chunks, usage, first = 0, None, None
+        try:
+            async with client.stream("POST", base_url + "/v1/completions", json=payload) as response:
+                if response.status_code != 200:
+                    result.errors += 1
+                    return
+                async for line in response.aiter_lines():
+                    if not line.startswith("data:") or line == "data: [DONE]":
+                        continue
+                    event = json.loads(line[5:])
+                    if event.get("usage"):
+                        usage = event["usage"].get("completion_tokens")
+                    if any(c.get("text") for c in event.get("choices") or []) and time.perf_counter() <= deadline:
+                        chunks += 1
+                        if first is None:
+                            first = time.perf_counter() - sent
+            result.requests += 1
+            result.tokens += usage if usage is not None else chunks
+        except asyncio.CancelledError:
+            result.tokens += chunks  # cut off by the end of the window: what arrived in it
+            raise
+        except (httpx.HTTPError, ValueError):
+            result.errors += 1
+        finally:
+            if first is not None:
+                result.ttfts.append(first)
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        while time.perf_counter() < deadline:
+            await one(client)
+
+    limits = httpx.Limits(max_connections=concurrency + 2, max_keepalive_connections=concurrency + 2)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(None, connect=30.0), limits=limits) as client:
+        tasks = [asyncio.create_task(worker(client)) for _ in range(concurrency)]
+        await asyncio.wait(tasks, timeout=max(0.0, deadline - time.perf_counter()))
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return result
+
+
+@dataclass
 class Contender:
-    """A started server and its runs by (condition, concurrency)."""
+    """A started server and its windows by (condition, concurrency)."""
 
     name: str
     server: ServerProcess
     model_id: str
-    runs: dict[tuple[str, int], list[LoadResult]] = field(default_factory=dict)
+    runs: dict[tuple[str, int], list[Window]] = field(default_factory=dict)
     error: str | None = None
 
 
@@ -128,22 +210,14 @@ def sweep(contenders: list[Contender], args: argparse.Namespace) -> list[dict[st
                     for who in order:
                         load = os.getloadavg()[0]
                         result = asyncio.run(
-                            run_load(
-                                who.server.base_url,
-                                who.model_id,
-                                args.prompt,
-                                c,
-                                c * args.requests_per_worker,
-                                args.max_tokens,
-                                timeout_s=args.timeout,
-                            )
+                            window_load(who.server.base_url, who.model_id, args.prompt, c, args.window, args.max_tokens)
                         )
                         who.runs.setdefault((condition, c), []).append(result)
                         loads.append({"condition": condition, "c": c, "server": who.name, "load1": load})
                         print(
-                            f"  {condition:<13} c={c:<2} {who.name:<22} {result.tok_s:7.1f} tok/s  "
+                            f"  {condition:<13} c={c:<2} {who.name:<26} {result.tok_s:7.1f} tok/s  "
                             f"ttft p50 {result.ttft_p50_ms:8.1f} ms p90 {result.ttft_p90_ms:8.1f} ms  "
-                            f"ok {result.n_ok}/{result.n_requests}  (load1 {load:.2f})",
+                            f"{result.requests} done, {result.errors} failed  (load1 {load:.2f})",
                             flush=True,
                         )
         finally:
@@ -151,7 +225,7 @@ def sweep(contenders: list[Contender], args: argparse.Namespace) -> list[dict[st
     return loads
 
 
-def median(runs: list[LoadResult]) -> LoadResult | None:
+def median(runs: list[Window]) -> Window | None:
     ordered = sorted(runs, key=lambda r: r.tok_s)
     return ordered[len(ordered) // 2] if ordered else None
 
@@ -180,18 +254,19 @@ def report(contenders: list[Contender], args: argparse.Namespace) -> list[dict[s
                         "tok_s": res.tok_s,
                         "ttft_p50_ms": res.ttft_p50_ms,
                         "ttft_p90_ms": res.ttft_p90_ms,
-                        "ok": f"{res.n_ok}/{res.n_requests}",
+                        "done": res.requests,
+                        "failed": res.errors,
                         "vs_quiet": res.tok_s / quiet.tok_s if quiet and quiet.tok_s else None,
                         "vs_llama_server": res.tok_s / peer_res.tok_s if peer_res and peer_res.tok_s else None,
                     }
                 )
-    print("\n| server | condition | c | tok/s | TTFT p50 ms | TTFT p90 ms | ok | / own quiet | / llama-server |")
+    print("\n| server | condition | c | tok/s | TTFT p50 ms | TTFT p90 ms | done | / own quiet | / llama-server |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for row in sorted(rows, key=lambda r: (r["c"], list(CONDITIONS).index(r["condition"]), r["server"])):
         print(
             f"| {row['server']} | {row['condition']} | {row['c']} | {_fmt(row['tok_s'])} | "
-            f"{_fmt(row['ttft_p50_ms'])} | {_fmt(row['ttft_p90_ms'])} | {row['ok']} | {_fmt(row['vs_quiet'], '.2f')} | "
-            f"{_fmt(row['vs_llama_server'], '.2f')} |"
+            f"{_fmt(row['ttft_p50_ms'])} | {_fmt(row['ttft_p90_ms'])} | {row['done']} | "
+            f"{_fmt(row['vs_quiet'], '.2f')} | {_fmt(row['vs_llama_server'], '.2f')} |"
         )
     return rows
 
@@ -201,11 +276,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", default="smollm2-135m-instruct", help="smollm2-135m-instruct, gemma-3-270m or a GGUF")
     p.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8])
     p.add_argument("--conditions", type=lambda s: s.split(","), default=list(CONDITIONS))
-    p.add_argument("--requests-per-worker", type=int, default=3, help="requests = c x this (default 3)")
+    p.add_argument("--window", type=float, default=15.0, help="seconds of load per cell (default 15)")
     p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=2, help="runs per cell; the median by tok/s is kept")
+    p.add_argument("--repeats", type=int, default=2, help="windows per cell; the median by tok/s is kept")
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds one request may take")
     p.add_argument("--variant", action="append", default=[], help="an extra microserve: 'name=ARGS'")
     p.add_argument("--no-llama-server", action="store_true", help="compare microserve variants only")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)

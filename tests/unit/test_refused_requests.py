@@ -16,10 +16,13 @@ from microserve.observability.tracing import Tracing
 
 
 class Refusing:
-    """Just enough of a TextEngine: its stream raises ``error`` before any token."""
+    """Just enough of a TextEngine: its check and its stream raise ``error`` before any token."""
 
     def __init__(self, error: ServiceError) -> None:
         self.error = error
+
+    def check_request(self, request: GenerationRequest) -> None:
+        raise self.error
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
         raise self.error
@@ -48,3 +51,12 @@ def test_refusals_are_rejected_and_failures_still_abort(error: ServiceError, rej
     labels = {"model_name": "m"}
     assert _count(metrics, "num_requests_rejected_total", {**labels, "reason": "invalid_request"}) == rejected
     assert _count(metrics, "request_success_total", {**labels, "finished_reason": "abort"}) == aborted
+
+
+def test_a_request_the_engine_check_refuses_counts_as_rejected() -> None:
+    metrics = Metrics()
+    engine: Any = InstrumentedEngine(Refusing(InvalidRequest("x")), "m", metrics, Tracing())  # type: ignore[arg-type]
+    with pytest.raises(InvalidRequest):
+        engine.check_request(GenerationRequest("r", [], SamplingParams(max_tokens=1)))
+    labels = {"model_name": "m", "reason": "invalid_request"}
+    assert _count(metrics, "num_requests_rejected_total", labels) == 1.0

@@ -137,8 +137,13 @@ class InstrumentedEngine(_Wrapper[TextEngine]):
         return self.inner.token_ids(text)
 
     def check_request(self, request: GenerationRequest) -> None:
-        """Check a request with the wrapped engine."""
-        self.inner.check_request(request)
+        """Check a request with the wrapped engine; a refusal counts as a rejected request."""
+        try:
+            self.inner.check_request(request)
+        except ServiceError as exc:
+            if exc.status_code < 500:
+                self._metrics.rejected.labels(self.model_name, "invalid_request").inc()
+            raise
 
     def stats(self) -> EngineStats:
         """The wrapped engine's load."""
