@@ -60,7 +60,9 @@ class Settings(BaseSettings):
         None, ge=1, le=256, description="Sequence slots decoded together in one batch; default the profile's (8)."
     )
     threads: int | None = Field(
-        None, ge=1, description="CPU threads for llama.cpp and the encoder; default the usable cores."
+        None,
+        ge=1,
+        description="CPU threads for llama.cpp and the encoder; default the usable cores (affinity and cgroup quota).",
     )
     batch_size: int | None = Field(
         None, ge=16, description="Most tokens in one decode step; default the profile's (256)."
@@ -183,8 +185,25 @@ class Settings(BaseSettings):
     )
     max_stop_length: int = Field(256, ge=1, description="Longest stop string, in characters.")
     max_n: int = Field(16, ge=1, description="Largest `n` (choices per request).")
+    chat_content_special_tokens: bool = Field(
+        False,
+        description="Let special-token text in chat messages become control tokens, as the template's own markup "
+        "does. Only for trusted clients: with it a client can close its turn and open a system turn of its own.",
+    )
+    header_timeout: float = Field(
+        10.0, gt=0, description="Seconds a client has to send a request's headers before the connection is closed."
+    )
+    keep_alive_timeout: float = Field(
+        5.0, gt=0, description="Seconds an idle keep-alive connection stays open between requests."
+    )
+    max_connections: int = Field(
+        1000, ge=1, description="Most open client connections; a connection beyond them is answered 503 and closed."
+    )
     drain_timeout: float = Field(
-        30.0, ge=0, description="Seconds in-flight requests may run after SIGTERM/SIGINT before exit."
+        30.0,
+        ge=0,
+        description="Seconds in-flight requests may run after SIGTERM/SIGINT; those still running are then cut off "
+        "(a stream ends with an error event) and the process exits within 5 s more.",
     )
     log_prompts: bool = Field(False, description="Include prompt text in request log lines.")
     otel_endpoint: str | None = Field(

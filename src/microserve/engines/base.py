@@ -81,6 +81,16 @@ class GenerationRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class PromptSegment:
+    """A piece of a rendered chat prompt: the template's own markup, whose special-token text becomes special
+    tokens, or client content (``markup`` false), which is always tokenized as plain text, so that a client who
+    types ``<|im_end|>`` gets the characters, never the control token."""
+
+    text: str
+    markup: bool
+
+
+@dataclass(frozen=True, slots=True)
 class TokenLogprob:
     """A generated token's text bytes and logprob, with the most likely alternatives (token bytes, logprob)."""
 
@@ -166,12 +176,23 @@ class TextEngine(Protocol):
         unless the text already starts with it (a chat template that renders its own BOS)."""
         ...
 
+    def encode_segments(self, segments: Sequence[PromptSegment]) -> list[int]:
+        """Token ids of a prompt given as segments: special-token text becomes special tokens in markup segments
+        only, content segments are tokenized as plain text; BOS as :meth:`encode_prompt` adds it."""
+        ...
+
     def token_ids(self, text: str) -> list[int]:
         """Ids of a special-token string (``<end_of_turn>``); empty if the vocabulary lacks it."""
         ...
 
     def detokenize(self, ids: Sequence[int]) -> str:
         """The text that token ids spell, as generated text spells it (special tokens render as nothing)."""
+        ...
+
+    def check_request(self, request: GenerationRequest) -> None:
+        """Raise InvalidRequest for what this engine cannot serve (an empty prompt, prompt plus completion beyond
+        the context, an adapter it has not loaded). Services call it while preparing a request, so that such a
+        request is a 400 before any response (a stream's 200) has started."""
         ...
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:

@@ -27,12 +27,14 @@ from microserve.observability.tracing import Tracing
 from microserve.server.adapters import AdapterManager
 from microserve.server.admission import Admission
 from microserve.server.auth import HEALTH_PATHS, METRICS_PATHS, ApiKeyMiddleware, load_key_digests
+from microserve.server.body_text import BodyTextMiddleware
 from microserve.server.cors import CorsMiddleware
 from microserve.server.drain import DrainMiddleware, DrainState
-from microserve.server.errors import install_error_handlers
+from microserve.server.errors import UnhandledErrorMiddleware, install_error_handlers
 from microserve.server.head import HeadMiddleware
 from microserve.server.limits import BodyLimitMiddleware
 from microserve.server.logging import RequestLogMiddleware, route_label
+from microserve.server.openapi import install_openapi
 from microserve.server.routes import adapters as adapter_routes
 from microserve.server.routes import anthropic, health, metadata, openai, playground, responses, retrieval, tokenize
 from microserve.server.routes import metrics as metrics_routes
@@ -157,7 +159,7 @@ def build_app(
     app.state.models = models
     app.state.load_error = None
     app.state.loaded = False
-    app.state.chat = chat = ChatService(models, limits)
+    app.state.chat = chat = ChatService(models, limits, content_special_tokens=settings.chat_content_special_tokens)
     app.state.responses = ResponsesService(
         chat, ResponseStore(settings.response_store_size, settings.response_store_bytes)
     )
@@ -172,12 +174,16 @@ def build_app(
     app.state.tracing = tracing
     app.state.drain = drain
     install_error_handlers(app)
+    install_openapi(app, limits)
 
     def count_response(scope: Scope, status: int) -> None:
         metrics.count_response(scope["method"], route_label(scope), status)
 
-    # Added innermost first: log/id → drain gate → CORS → API key → body limit → HEAD as GET → routes.
+    # Added innermost first: log/id → drain gate → CORS → API key → body limit → body text → HEAD as GET →
+    # last-resort 500 → routes.
+    app.add_middleware(UnhandledErrorMiddleware)
     app.add_middleware(HeadMiddleware)
+    app.add_middleware(BodyTextMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(
         ApiKeyMiddleware,

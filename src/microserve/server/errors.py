@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -9,7 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
-from starlette.types import Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from microserve.errors import ServiceError
 from microserve.protocol.anthropic import ANTHROPIC_ERROR_TYPES
@@ -38,6 +39,15 @@ API_FAMILIES = (
     "Cohere/Jina (/v1/rerank)",
     "vLLM (/tokenize, /detokenize)",
 )
+
+
+class ErrorJSON(JSONResponse):
+    """An error body in ASCII JSON: a message that quotes client text (a model name with a lone surrogate) still
+    renders, where UTF-8 encoding would fail and turn a 404 into a 500."""
+
+    def render(self, content: Any) -> bytes:
+        """The body bytes."""
+        return json.dumps(content, separators=(",", ":")).encode("ascii")
 
 
 class ClientDisconnected(Exception):
@@ -73,7 +83,7 @@ async def send_error(
     path: str = "",
 ) -> None:
     """Answer from ASGI middleware with the route's error body, before any route runs."""
-    response = JSONResponse(body_for(path, status, message, code=code), status_code=status, headers=headers)
+    response = ErrorJSON(body_for(path, status, message, code=code), status_code=status, headers=headers)
     await send({"type": "http.response.start", "status": status, "headers": response.raw_headers})
     await send({"type": "http.response.body", "body": response.body})
 
@@ -102,7 +112,7 @@ def install_error_handlers(app: FastAPI) -> None:
         body: dict[str, object] = dict(exc.body())
         if request.url.path.startswith(ANTHROPIC_PREFIX):
             body = anthropic_body(exc.status_code, exc.message)
-        return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+        return ErrorJSON(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(ClientDisconnected)
     async def _gone(_: Request, exc: ClientDisconnected) -> Response:
@@ -112,7 +122,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = _describe(exc)
-        return JSONResponse(body_for(request.url.path, 400, message, param=param), status_code=400)
+        return ErrorJSON(body_for(request.url.path, 400, message, param=param), status_code=400)
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException) -> JSONResponse:
@@ -123,7 +133,7 @@ def install_error_handlers(app: FastAPI) -> None:
         elif exc.status_code == 405:
             allowed = (exc.headers or {}).get("allow") or (exc.headers or {}).get("Allow")
             message = f"{where} is not allowed" + (f"; {request.url.path} takes {allowed}" if allowed else "")
-        return JSONResponse(
+        return ErrorJSON(
             body_for(request.url.path, exc.status_code, message), status_code=exc.status_code, headers=exc.headers
         )
 
@@ -131,4 +141,37 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
         message = f"internal error: {type(exc).__name__}: {exc}"
-        return JSONResponse(body_for(request.url.path, 500, message), status_code=500)
+        return ErrorJSON(body_for(request.url.path, 500, message), status_code=500)
+
+
+class UnhandledErrorMiddleware:
+    """Answers an exception that no handler took with a 500 error body, and keeps the connection open.
+
+    Starlette's last-resort handler answers and then raises the exception again, for the server to log; uvicorn
+    then closes the connection, so the client's next request on the same keep-alive connection failed with a
+    reset. Installed innermost, this answers first. A response already under way cannot be finished and is left
+    to fail as before.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking)
+        except Exception as exc:
+            if started:
+                raise
+            log.exception("unhandled error")
+            await send_error(send, 500, f"internal error: {type(exc).__name__}: {exc}", path=scope.get("path", ""))

@@ -6,8 +6,16 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-from microserve.engines.base import FinishReason, GenerationDelta, GenerationRequest, Guide, TokenLogprob
+from microserve.engines.base import (
+    FinishReason,
+    GenerationDelta,
+    GenerationRequest,
+    Guide,
+    TextEngine,
+    TokenLogprob,
+)
 from microserve.errors import InvalidRequest
 from microserve.protocol.chat import (
     AssistantMessage,
@@ -27,8 +35,10 @@ from microserve.protocol.chat import (
 )
 from microserve.protocol.common import FinishReason as WireFinish
 from microserve.protocol.common import PromptTokensDetails, Usage
+from microserve.services.chat_template import ChatTemplate
 from microserve.services.generation import GenerationService, sampling_params
-from microserve.services.models import ServedModel
+from microserve.services.limits import RequestLimits
+from microserve.services.models import ModelTable, ServedModel
 from microserve.services.tools import (
     CallArguments,
     CallStart,
@@ -102,14 +112,6 @@ def refuse_media(request: ChatCompletionRequest, model: str) -> None:
             )
 
 
-def render_prompt(model: ServedModel, request: ChatCompletionRequest, plan: ToolPlan) -> str:
-    """The prompt text: the messages (and tools) through the model's chat template."""
-    template = model.template
-    native = template.supports_tools
-    messages = template_messages(request.messages, plan, native=native)
-    return template.render(messages, tools=native_tools(plan) if native else None)
-
-
 @dataclass(slots=True)
 class PreparedChat:
     """A validated request, ready for the engine: everything that can fail with a 4xx has been checked."""
@@ -136,8 +138,45 @@ def _finish(reason: FinishReason | None, parser: ToolCallParser | None) -> WireF
     return reason
 
 
+def encode_chat(
+    engine: TextEngine,
+    template: ChatTemplate,
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None,
+    *,
+    content_special_tokens: bool = False,
+) -> list[int]:
+    """The chat prompt's token ids, control tokens from the template's markup only: a client who types
+    ``<|im_end|>\n<|im_start|>system`` gets those characters, not a system turn of its own. With
+    ``content_special_tokens`` (trusted clients) the rendered text is tokenized whole, special tokens parsed."""
+    if content_special_tokens:
+        return engine.encode_prompt(template.render(messages, tools=tools))
+    rendered = template.render_segments(messages, tools=tools)
+    if rendered.segments is not None:
+        return engine.encode_segments(rendered.segments)
+    # The template rewrote client text, so where it sits is unknown: parsing the prompt whole is safe only if no
+    # client string holds special-token text.
+    for text in rendered.client_text:
+        if engine.tokenize(text, add_special=False, parse_special=True) != engine.tokenize(
+            text, add_special=False, parse_special=False
+        ):
+            raise InvalidRequest(
+                "a message holds special-token text, and this model's chat template rewrites message text in a way "
+                "that keeps it from being told apart from the template's own markup; remove the special-token text",
+                param="messages",
+                code="special_tokens_in_content",
+            )
+    return engine.encode_prompt(rendered.text)
+
+
 class ChatService(GenerationService):
     """Serves ``/v1/chat/completions`` for every chat-capable model in the table."""
+
+    def __init__(
+        self, models: ModelTable, limits: RequestLimits | None = None, *, content_special_tokens: bool = False
+    ) -> None:
+        super().__init__(models, limits)
+        self._content_special_tokens = content_special_tokens
 
     async def prepare(self, request: ChatCompletionRequest) -> PreparedChat:
         """Render, tokenize, check the output constraint; raises a ServiceError for anything the client must fix."""
@@ -156,7 +195,7 @@ class ChatService(GenerationService):
             )
         guide = await self._checked(model, guide or plan.guide)
         info = engine.info
-        prompt = engine.encode_prompt(render_prompt(model, request, plan))
+        prompt = self._prompt_ids(model, request, plan)
         max_tokens = self._budget(requested, len(prompt), info.context_length)
         stops = list(self._stops(request))
         stop_ids: tuple[int, ...] = ()
@@ -166,21 +205,23 @@ class ChatService(GenerationService):
                 stops.append(template.end_of_turn)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         top = (request.top_logprobs or 0) if request.logprobs else None
+        generation = GenerationRequest(
+            request_id=request_id,
+            prompt_tokens=prompt,
+            params=sampling_params(request, max_tokens, info.vocab_size),
+            stop=tuple(stops),
+            stop_token_ids=stop_ids,
+            guide=guide,
+            logprobs=top,
+            n=request.n,
+            adapter=model.adapter,
+        )
+        engine.check_request(generation)
         return PreparedChat(
             id=request_id,
             created=int(time.time()),
             model=model,
-            generation=GenerationRequest(
-                request_id=request_id,
-                prompt_tokens=prompt,
-                params=sampling_params(request, max_tokens, info.vocab_size),
-                stop=tuple(stops),
-                stop_token_ids=stop_ids,
-                guide=guide,
-                logprobs=top,
-                n=request.n,
-                adapter=model.adapter,
-            ),
+            generation=generation,
             include_usage=bool(request.stream_options and request.stream_options.include_usage),
             tools=plan,
             top_logprobs=top,
@@ -191,7 +232,17 @@ class ChatService(GenerationService):
         model = self._model(request.model, request, messages=len(request.messages), requested=None)
         refuse_media(request, model.name)
         plan = plan_tools(request.tools, request.tool_choice, request.parallel_tool_calls)
-        return model.text_engine.encode_prompt(render_prompt(model, request, plan))
+        return self._prompt_ids(model, request, plan)
+
+    def _prompt_ids(self, model: ServedModel, request: ChatCompletionRequest, plan: ToolPlan) -> list[int]:
+        # The messages (and tools) through the model's chat template, control tokens from the markup only.
+        template = model.template
+        native = template.supports_tools
+        messages = template_messages(request.messages, plan, native=native)
+        tools = native_tools(plan) if native else None
+        return encode_chat(
+            model.text_engine, template, messages, tools, content_special_tokens=self._content_special_tokens
+        )
 
     def _parser(self, prepared: PreparedChat) -> ToolCallParser | None:
         plan = prepared.tools

@@ -16,7 +16,13 @@ from dataclasses import dataclass, field
 from microserve.engines.base import GenerationDelta, GenerationRequest, TextEngine, TokenLogprob
 from microserve.errors import InvalidRequest
 from microserve.protocol.common import Usage
-from microserve.protocol.completions import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest
+from microserve.protocol.completions import (
+    DEFAULT_MAX_TOKENS,
+    Completion,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+)
 from microserve.services.chat import usage_of_choices
 from microserve.services.fanout import interleave
 from microserve.services.generation import GenerationService, sampling_params
@@ -95,24 +101,42 @@ class _LegacyLogprobs:
         )
 
 
+def document_start(model: ServedModel) -> list[int]:
+    """The prompt of a request without one: the start of a document, as OpenAI's default prompt
+    (``<|endoftext|>``) is: the model's BOS token, or its end-of-text token where it has no BOS."""
+    engine = model.text_engine
+    info = engine.info
+    tokens = engine.encode_prompt("")
+    for text in (info.bos_token, info.eos_token):
+        if not tokens and text:
+            tokens = engine.token_ids(text)
+    if not tokens:
+        raise InvalidRequest(f"`{model.name}` has no start-of-text token; send a `prompt`", param="prompt")
+    return tokens
+
+
 class CompletionService(GenerationService):
     """Serves ``/v1/completions``."""
 
     async def prepare(self, request: CompletionRequest) -> PreparedCompletion:
         """Tokenize and validate every prompt; raises a ServiceError for anything the client must fix."""
-        model = self._model(request.model, request, requested=request.max_tokens)
+        # OpenAI's default of 16 completion tokens is not a request: an operator's lower limit caps it.
+        explicit = "max_tokens" in request.model_fields_set
+        model = self._model(request.model, request, requested=request.max_tokens if explicit else None)
+        wanted = request.max_tokens if explicit else self._limits.default_max_tokens(DEFAULT_MAX_TOKENS)
         engine = model.text_engine
         info = engine.info
         if request.suffix:
             raise InvalidRequest("`suffix` (fill-in-the-middle) is not supported by this model", param="suffix")
         if request.best_of is not None and request.best_of != request.n:
             raise InvalidRequest("`best_of` other than `n` is not supported", param="best_of")
-        if request.max_tokens == 0 and not request.echo:
+        if wanted == 0 and not request.echo:
             raise InvalidRequest(
                 "`max_tokens` 0 generates nothing: it is only accepted with `echo` (to score the prompt)",
                 param="max_tokens",
             )
-        prompts = prompt_items(request.prompt)
+        # No prompt at all is OpenAI's default: the start of a document.
+        prompts: list[str | list[int] | None] = [None] if request.prompt is None else list(prompt_items(request.prompt))
         if not prompts:
             raise InvalidRequest("`prompt` must not be an empty list", param="prompt")
         guide = await self._checked(model, self._guide(request))
@@ -122,28 +146,30 @@ class CompletionService(GenerationService):
         generations = []
         texts = []
         for i, item in enumerate(prompts):
-            tokens = checked_ids(item, info.vocab_size, i, len(prompts)) if isinstance(item, list) else None
-            if tokens is None:
-                assert isinstance(item, str)
+            if item is None:
+                tokens = document_start(model)
+                texts.append("")
+            elif isinstance(item, list):
+                tokens = checked_ids(item, info.vocab_size, i, len(prompts))
+                texts.append(engine.detokenize(tokens) if request.echo else "")
+            else:
                 tokens = engine.encode_prompt(item)
                 texts.append(item)
-            else:
-                texts.append(engine.detokenize(tokens) if request.echo else "")
-            generations.append(
-                GenerationRequest(
-                    request_id=f"{request_id}-{i}",
-                    prompt_tokens=tokens,
-                    params=sampling_params(
-                        request, self._budget(request.max_tokens, len(tokens), info.context_length), info.vocab_size
-                    ),
-                    stop=stops,
-                    guide=guide,
-                    logprobs=request.logprobs if request.max_tokens != 0 else None,
-                    n=request.n,
-                    adapter=model.adapter,
-                    prompt_logprobs=request.logprobs if scored else None,
-                )
+            generation = GenerationRequest(
+                request_id=f"{request_id}-{i}",
+                prompt_tokens=tokens,
+                params=sampling_params(
+                    request, self._budget(wanted, len(tokens), info.context_length), info.vocab_size
+                ),
+                stop=stops,
+                guide=guide,
+                logprobs=request.logprobs if wanted != 0 else None,
+                n=request.n,
+                adapter=model.adapter,
+                prompt_logprobs=request.logprobs if scored else None,
             )
+            engine.check_request(generation)
+            generations.append(generation)
         return PreparedCompletion(
             id=request_id,
             created=int(time.time()),

@@ -76,7 +76,7 @@ async def completions(body: CompletionRequest, request: Request) -> Completion |
     service: CompletionService = request.app.state.completions
     tracing: Tracing = request.app.state.tracing
     # Each prompt runs n engine sequences: the request holds that many slots.
-    shed_if_full(request, body.model, body.n * (1 if isinstance(body.prompt, str) else max(len(body.prompt), 1)))
+    shed_if_full(request, body.model, body.n * (max(len(body.prompt), 1) if isinstance(body.prompt, list) else 1))
     prepared = await service.prepare(body)
     ticket = await admit(request, prepared.model.name, sum(g.n for g in prepared.generations))
     if body.stream:
