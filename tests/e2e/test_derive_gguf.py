@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from tiny_gguf import write_tiny_llama
 
-from microserve.catalog.derive_gguf import DerivationError, derive_gguf
 from microserve.catalog.gguf_header import read_header
 from microserve.catalog.store import sha256_file
+from microserve.engines.llamacpp.derive import derive_gguf
+from microserve.engines.registry import DerivationError
 
 
 def weights(path: Path) -> dict[str, np.ndarray]:
@@ -32,8 +33,12 @@ def tensor_types(path: Path) -> dict[str, str]:
 def test_derived_file_has_the_type_the_metadata_and_loads(tmp_path: Path, ftype: str, matrix_type: str) -> None:
     source = write_tiny_llama(tmp_path / "tiny.gguf")
     target = tmp_path / "out" / f"tiny.{ftype}.gguf"
-    digest = derive_gguf(source, target, ftype, threads=1)
-    assert digest == sha256_file(target)
+    seen: list[tuple[int, int]] = []
+    derive_gguf(source, target, ftype, threads=1, progress=lambda done, total: seen.append((done, total)))
+    # Progress counts the tensors, from the first to all of them.
+    count = len(gguf.GGUFReader(str(source)).tensors)
+    assert seen[0] == (0, count) and seen[-1] == (count, count)
+    assert [done for done, _ in seen] == sorted(done for done, _ in seen)
     assert [p.name for p in target.parent.iterdir()] == [target.name]  # no temporary file left behind
     types = tensor_types(target)
     assert types["blk.0.attn_q.weight"] == matrix_type and types["blk.0.ffn_down.weight"] == matrix_type
@@ -60,9 +65,9 @@ def test_requantizing_a_quantized_file_and_deriving_again_is_deterministic(tmp_p
     q8 = tmp_path / "tiny.Q8_0.gguf"
     derive_gguf(source, q8, "Q8_0", threads=1)
     # From a quantized file back to a wider one, as from the shipped Q4_1: allowed, and the same bytes each time.
-    first = derive_gguf(q8, tmp_path / "a.F16.gguf", "F16", threads=1)
-    second = derive_gguf(q8, tmp_path / "b.F16.gguf", "F16", threads=1)
-    assert first == second
+    derive_gguf(q8, tmp_path / "a.F16.gguf", "F16", threads=1)
+    derive_gguf(q8, tmp_path / "b.F16.gguf", "F16", threads=1)
+    assert sha256_file(tmp_path / "a.F16.gguf") == sha256_file(tmp_path / "b.F16.gguf")
     assert tensor_types(tmp_path / "a.F16.gguf")["output.weight"] == "F16"
 
 

@@ -95,12 +95,12 @@ def test_a_derived_profile_reads_the_format_it_is_made_from() -> None:
 def test_the_engine_table_refuses_what_an_engine_cannot_derive(tmp_path: Path) -> None:
     with pytest.raises(DerivationError, match="the encoder engine cannot derive F16 artifacts"):
         derive_artifact("encoder", tmp_path / "a", tmp_path / "b", "F16")
-    with pytest.raises(DerivationError, match="cannot derive Q2_K artifacts .*BF16, F16, F32, Q8_0"):
+    with pytest.raises(DerivationError, match=r"cannot derive Q2_K artifacts .*BF16, F16, F32, Q8_0"):
         derive_artifact("llamacpp", tmp_path / "a", tmp_path / "b", "Q2_K")
 
 
 def test_forcing_an_unknown_profile_names_both() -> None:
     smol = find_builtin("smollm2")
     assert smol is not None
-    with pytest.raises(ProfileError, match="llamacpp-cpu-f16.*llamacpp-cpu-q4_1"):
+    with pytest.raises(ProfileError, match=r"llamacpp-cpu-f16.*llamacpp-cpu-q4_1"):
         select_profile(smol, ROOMY, "nope")
