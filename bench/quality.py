@@ -28,7 +28,7 @@ import httpx
 from loadgen import ServerProcess, free_port, microserve_cmd, run_load, start_server, stop_server
 from microserve.catalog.manifest import find_builtin
 from microserve.catalog.store import ModelStore, sha256_file
-from microserve.engines.llamacpp.derive import derive_gguf
+from microserve.engines.llamacpp.requantize import derive_gguf
 from microserve.settings import Settings
 from questions import QUESTIONS, is_right
 

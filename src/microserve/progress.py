@@ -2,8 +2,9 @@
 a terminal, log lines otherwise.
 
 The bar goes to stderr, so that stdout stays for what a command prints. Without a terminal (a container, a test, a
-pipe) the same progress is told in log lines under the caller's logger: one when the work starts, one at every
-tenth of it when ``steps`` asks for them, and one with the time taken when it ends.
+pipe), or when the log on stderr is machine-read (JSON lines, which a bar's redraws would corrupt), the same progress
+is told in log lines under the caller's logger: one when the work starts, one at every tenth of it when ``steps``
+asks for them, and one with the time taken when it ends.
 """
 
 from __future__ import annotations
@@ -18,6 +19,18 @@ from typing import Any, Literal
 Unit = Literal["bytes", "tensors"]
 
 _log = logging.getLogger(__name__)
+
+
+def bars_fit() -> bool:
+    """Whether a bar may be drawn on stderr: it is a terminal, and no log handler writes machine-read records there
+    (a formatter says so with a true ``machine_readable`` attribute, as the JSON-lines one does)."""
+    if not sys.stderr.isatty():
+        return False
+    for handler in logging.getLogger().handlers:
+        stream = getattr(handler, "stream", None)
+        if stream in (sys.stderr, sys.__stderr__) and getattr(handler.formatter, "machine_readable", False):
+            return False
+    return True
 
 
 class Progress:
@@ -49,8 +62,8 @@ class Progress:
         self.unit = unit
         self._log = logger or _log
         self._steps = steps
-        self._tty = sys.stderr.isatty() if tty is None else tty
-        self._next_report = 0.1
+        self._tty = bars_fit() if tty is None else tty
+        self._next_tenth = 1  # in whole tenths: float steps of 0.1 skip a line (0.30000000000000004 > 0.3)
         self._started = time.monotonic()
         self._closed = False
         self._lock = threading.Lock()
@@ -112,8 +125,8 @@ class Progress:
                 return
             if not (self._steps and self.total):
                 return
-            fraction = self.done / self.total
-            if fraction >= self._next_report:
+            tenth = 10 * self.done // self.total
+            if tenth >= self._next_tenth:
                 self._log.info(
                     "%s %s: %d%% (%d/%s)",
                     self.action,
@@ -122,8 +135,7 @@ class Progress:
                     self.done,
                     self._amount(self.total),
                 )
-                while self._next_report <= fraction:
-                    self._next_report += 0.1
+                self._next_tenth = tenth + 1
 
     def close(self, *, failed: bool = False) -> None:
         """Stop the bar, or log the end of the work with the time it took."""

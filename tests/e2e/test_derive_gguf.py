@@ -1,4 +1,5 @@
-"""derive_gguf on a tiny GGUF: llama.cpp's own quantizer writes another precision of the same weights."""
+"""derive_gguf on a tiny GGUF: llama.cpp's own quantizer writes another precision of the same weights; the model store
+makes a derived profile's file with it once, records its digest and checks it on every load."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import pytest
 from tiny_gguf import write_tiny_llama
 
 from microserve.catalog.gguf_header import read_header
-from microserve.catalog.store import sha256_file
-from microserve.engines.llamacpp.derive import derive_gguf
+from microserve.catalog.manifest import Manifest
+from microserve.catalog.store import ArtifactError, ModelStore, sha256_file
+from microserve.engines.llamacpp.requantize import derive_gguf
 from microserve.engines.registry import DerivationError
 
 
@@ -85,3 +87,54 @@ def test_bad_inputs_are_clear_errors_and_leave_nothing(tmp_path: Path) -> None:
     with pytest.raises(DerivationError, match="could not derive"):
         derive_gguf(truncated, tmp_path / "out.gguf", "F16", threads=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bogus.gguf", "tiny.gguf", "truncated.gguf"]
+
+
+def tiny_manifest(source: Path, sha256: str | None = None) -> Manifest:
+    derived: dict[str, object] = {"kind": "derived", "profile": "small", "type": "F16", "file": "tiny.F16.gguf"}
+    if sha256 is not None:
+        derived["sha256"] = sha256
+    return Manifest.model_validate(
+        {
+            "id": "tiny",
+            "task": "chat",
+            "profiles": [
+                {"id": "wide", "engine": "llamacpp", "quantization": "F16", "source": derived},
+                {"id": "small", "engine": "llamacpp", "source": {"kind": "local", "path": str(source)}},
+            ],
+        }
+    )
+
+
+def test_the_store_derives_once_records_the_digest_and_refuses_a_changed_file(tmp_path: Path) -> None:
+    source = write_tiny_llama(tmp_path / "tiny.gguf")
+    manifest = tiny_manifest(source)
+    wide = manifest.profile("wide")
+    assert wide is not None
+    store = ModelStore(tmp_path / "cache", tty=False, threads=1)
+    assert not store.is_cached(manifest, wide)
+    made = store.ensure(manifest, wide)
+    assert made == store.path_for(manifest, wide) and store.is_cached(manifest, wide)
+    assert made.with_name(made.name + ".sha256").read_text() == f"{sha256_file(made)}  {made.name}\n"
+    assert sorted(p.name for p in made.parent.iterdir()) == [".lock", made.name, made.name + ".sha256"]
+    assert tensor_types(made)["blk.0.attn_q.weight"] == "F16"
+    stamp = made.stat().st_mtime_ns
+    assert store.ensure(manifest, wide) == made and made.stat().st_mtime_ns == stamp  # made once
+    # A file changed after it was made is refused with both digests, never served.
+    with made.open("r+b") as handle:
+        handle.seek(-1, 2)
+        handle.write(b"\x01")
+    with pytest.raises(ArtifactError, match=r"is corrupt: sha256 .* expected .*; delete it to derive it again"):
+        store.ensure(manifest, wide)
+    # A pinned digest that the made file does not have places nothing.
+    made.unlink()
+    pinned = tiny_manifest(source, sha256="0" * 64)
+    with pytest.raises(ArtifactError, match=r"expected 0{64}; nothing was placed"):
+        store.ensure(pinned, pinned.profiles[0])
+    assert not made.exists()
+
+
+def test_the_store_says_which_parent_is_missing(tmp_path: Path) -> None:
+    manifest = tiny_manifest(tmp_path / "absent.gguf")
+    store = ModelStore(tmp_path / "cache", tty=False)
+    with pytest.raises(ArtifactError, match="wide of tiny is made from small: model file not found"):
+        store.ensure(manifest, manifest.profiles[0])

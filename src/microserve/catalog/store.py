@@ -141,9 +141,11 @@ class ModelStore:
             transient=transient,
         )
 
-    def _sha256(self, path: Path) -> str:
-        """``sha256_file`` with progress; the bar goes away when done (this runs on every load)."""
-        with self._progress(path.name, path.stat().st_size, "checking", "checked", steps=False, transient=True) as bar:
+    def _sha256(self, path: Path, name: str | None = None) -> str:
+        """``sha256_file`` with progress under ``name`` (default: the file's; a temporary file passes the name it
+        will take); the bar goes away when done (this runs on every load)."""
+        size = path.stat().st_size
+        with self._progress(name or path.name, size, "checking", "checked", steps=False, transient=True) as bar:
             return sha256_file(path, bar.advance)
 
     def path_for(self, manifest: Manifest, profile: Profile | None = None) -> Path:
@@ -251,7 +253,7 @@ class ModelStore:
                         raise ArtifactError(
                             f"cannot make {target.name} for {profile.id} of {manifest.id}: {exc}"
                         ) from exc
-                actual = self._sha256(tmp)
+                actual = self._sha256(tmp, target.name)
                 if source.sha256 is not None and actual != source.sha256:
                     raise ArtifactError(
                         f"{target.name} derived from {origin} has sha256 {actual}, expected {source.sha256}; "
@@ -388,7 +390,7 @@ class ModelStore:
         else:
             self._from_hub(source, tmp)
             label = source.describe()
-        actual = self._sha256(tmp)
+        actual = self._sha256(tmp, name)
         if source.sha256 is not None and actual != source.sha256:
             raise ArtifactError(f"{label} with sha256 {actual}, expected {source.sha256}; nothing was placed")
         return {name: actual}

@@ -51,6 +51,6 @@ def derive(
 ) -> None:
     """Write the GGUF ``source`` to ``target`` as file type ``kind`` (F16, BF16, Q8_0, F32) with llama.cpp's own
     quantizer; ``progress(done, total)`` counts tensors."""
-    from microserve.engines.llamacpp.derive import derive_gguf
+    from microserve.engines.llamacpp.requantize import derive_gguf
 
     derive_gguf(source, target, kind, threads=threads, progress=progress)
