@@ -42,11 +42,13 @@ ASKED = [
 ]
 
 
-def readme_question() -> str:
-    """The question of the README's Python example."""
-    match = re.search(r'"content": "([^"]+)"\}\],\n', (ROOT / "README.md").read_text())
-    assert match, "the README's chat example is gone"
-    return match.group(1)
+def readme_example() -> tuple[str, str]:
+    """The question of the README's Python example and the answer it says is printed."""
+    text = (ROOT / "README.md").read_text()
+    question = re.search(r'"content": "([^"]+)"\}\],\n', text)
+    printed = re.search(r"print\(reply\.choices\[0\]\.message\.content\)  # (.+)\n", text)
+    assert question and printed, "the README's chat example is gone"
+    return question.group(1), printed.group(1)
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +89,8 @@ def test_the_first_start_derives_the_f16_profile_and_serves_it(default: Server, 
 
 
 def test_the_default_answers_the_readme_question_and_two_more_right(default: Server) -> None:
-    assert readme_question() == README_Q
+    question, printed = readme_example()
+    assert question == README_Q
     client = default.client()
     answers = {}
     for question in ASKED:
@@ -97,7 +100,8 @@ def test_the_default_answers_the_readme_question_and_two_more_right(default: Ser
         answers[question.text] = reply.choices[0].message.content or ""
     wrong = {q.text: answers[q.text] for q in ASKED if not questions.is_right(answers[q.text], q.accepted)}
     assert not wrong, wrong
-    assert "Paris" in answers[README_Q]
+    assert answers[README_Q].strip() == printed  # what the README says the example prints
+    assert "Paris" in printed
 
 
 def test_a_second_start_reuses_the_derived_file_and_q4_1_stays_selectable(
