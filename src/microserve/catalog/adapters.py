@@ -23,6 +23,8 @@ from typing import Literal
 
 from microserve.catalog.peft_gguf import (
     AdapterError,
+    AdapterMissing,
+    AdapterOutside,
     BaseFacts,
     LoraInfo,
     OutType,
@@ -56,7 +58,7 @@ def inside(root: Path, candidate: Path | str) -> Path:
     path = Path(text)
     resolved = (path if path.is_absolute() else base / path).resolve()
     if resolved != base and base not in resolved.parents:
-        raise AdapterError(f"the adapter path `{text:.200}` is outside the adapter directory {base}")
+        raise AdapterOutside(f"the adapter path `{text:.200}` is outside the adapter directory {base}")
     return resolved
 
 
@@ -79,7 +81,7 @@ def find_adapter(root: Path, name: str, path: Path | str | None = None) -> Adapt
             raise AdapterError(f"{where.name} is not a GGUF LoRA file (.gguf) nor a PEFT adapter directory")
         return AdapterSource(name, where, "gguf", where)
     if not where.is_dir():
-        raise AdapterError(f"no adapter at {where}")
+        raise AdapterMissing(f"no adapter at {where}")
     # A GGUF LoRA is served as it is; beside a PEFT adapter (as `microserve tune` writes both) it wins, since
     # converting the PEFT files again would give the same file.
     ggufs = sorted(where.glob("*.gguf"))

@@ -17,12 +17,12 @@ from dataclasses import dataclass
 
 from microserve.catalog.adapters import AdapterSource, PreparedAdapter, find_adapter, fingerprint, prepare, scan
 from microserve.catalog.manifest import catalog
-from microserve.catalog.peft_gguf import AdapterError
+from microserve.catalog.peft_gguf import AdapterError, AdapterMissing, AdapterOutside
 from microserve.catalog.plan import ServicePlan
 from microserve.catalog.resolve import ResolvedModel
 from microserve.engines.base import TextEngine
 from microserve.engines.registry import engine_spec
-from microserve.errors import InvalidRequest, ModelNotFound, ServiceError
+from microserve.errors import Forbidden, InvalidRequest, ModelNotFound, NotFound, ServiceError
 from microserve.services.models import ModelTable, ServedModel
 from microserve.settings import Settings
 
@@ -103,11 +103,16 @@ class AdapterManager:
 
     async def load(self, name: str, path: str | None) -> ServedAdapter:
         """Serve the adapter ``name`` from ``path`` (inside the adapter directory; default: its sub-directory
-        ``name``); a 400 naming the reason when it cannot be."""
+        ``name``); a 400 naming the reason when it cannot be, a 404 when nothing is there, a 403 for a path
+        outside the adapter directory."""
         self._require()
         async with self._lock:
             try:
                 source = find_adapter(self.root, name, path)
+            except AdapterOutside as exc:
+                raise Forbidden(str(exc), param="lora_path", code="path_outside_adapter_dir") from None
+            except AdapterMissing as exc:
+                raise NotFound(str(exc), param="lora_path", code="adapter_not_found") from None
             except AdapterError as exc:
                 raise InvalidRequest(str(exc), param="lora_path", code="invalid_adapter") from None
             if name in self._served:

@@ -18,12 +18,13 @@ class BodyLimitMiddleware:
         self.app = app
         self.max_bytes = max_bytes
 
-    async def _too_large(self, send: Send) -> None:
+    async def _too_large(self, send: Send, path: str) -> None:
         await send_error(
             send,
             413,
             f"The request body exceeds the limit of {self.max_bytes} bytes.",
             code="request_too_large",
+            path=path,
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -37,7 +38,7 @@ class BodyLimitMiddleware:
                 except ValueError:
                     declared = -1
                 if declared > self.max_bytes:
-                    await self._too_large(send)
+                    await self._too_large(send, scope["path"])
                     return
                 break
         chunks: list[bytes] = []
@@ -49,7 +50,7 @@ class BodyLimitMiddleware:
             body = message.get("body", b"")
             size += len(body)
             if size > self.max_bytes:
-                await self._too_large(send)
+                await self._too_large(send, scope["path"])
                 return
             chunks.append(body)
             if not message.get("more_body", False):
