@@ -1,7 +1,8 @@
 """Answer quality and speed of SmolLM2-135M-Instruct by precision: Q4_1 (the shipped file), Q8_0, F16 and BF16.
 
 Each wider file is derived from the shipped Q4_1 GGUF with llama.cpp's own quantizer (``derive_gguf``, which calls
-``llama_model_quantize`` with ``allow_requantize``), so all four hold the same weights. Each is served by
+``llama_model_quantize`` with ``allow_requantize``, as the F16 profile is made), so all four hold the same weights.
+The questions are in ``bench/questions.py``, shared with the end-to-end test of the default model. Each is served by
 ``microserve serve --model <gguf>``; all four servers are up at once. Quality: a fixed set of questions with known
 answers, asked greedily (temperature 0) through ``/v1/chat/completions``; an answer counts when, normalised (lower
 case, accents and punctuation dropped), it contains one of the accepted answers as whole words. Speed: closed-loop
@@ -17,75 +18,24 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import re
 import signal
 import statistics
 import sys
-import unicodedata
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
 from loadgen import ServerProcess, free_port, microserve_cmd, run_load, start_server, stop_server
-from microserve.catalog.derive_gguf import derive_gguf
 from microserve.catalog.manifest import find_builtin
-from microserve.catalog.store import ModelStore
+from microserve.catalog.store import ModelStore, sha256_file
+from microserve.engines.llamacpp.requantize import derive_gguf
 from microserve.settings import Settings
+from questions import QUESTIONS, is_right
 
 MODEL = "smollm2-135m-instruct"
 PRECISIONS = ("Q4_1", "Q8_0", "F16", "BF16")
 LEVELS = (1, 16)
 PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle on a stormy night."
-
-
-@dataclass(frozen=True)
-class Question:
-    text: str
-    accepted: tuple[str, ...]
-
-
-# README's example first. Kinds: capitals, arithmetic, simple facts, following an instruction.
-QUESTIONS = (
-    Question("What is the capital of France?", ("paris",)),
-    Question("What is the capital of Japan?", ("tokyo",)),
-    Question("What is the capital of Italy?", ("rome",)),
-    Question("What is the capital of Germany?", ("berlin",)),
-    Question("What is the capital of Spain?", ("madrid",)),
-    Question("What is the capital of the United Kingdom?", ("london",)),
-    Question("What is the capital of Egypt?", ("cairo",)),
-    Question("What is 2 + 2?", ("4", "four")),
-    Question("What is 5 + 3?", ("8", "eight")),
-    Question("What is 10 - 4?", ("6", "six")),
-    Question("What is 3 times 4?", ("12", "twelve")),
-    Question("What is 9 + 10?", ("19", "nineteen")),
-    Question("How many days are there in a week?", ("7", "seven")),
-    Question("How many legs does a spider have?", ("8", "eight")),
-    Question("What color is the sky on a clear day?", ("blue",)),
-    Question("What is the largest planet in our solar system?", ("jupiter",)),
-    Question("Which planet is known as the Red Planet?", ("mars",)),
-    Question("What is the chemical formula of water?", ("h2o",)),
-    Question("What gas do plants absorb from the air for photosynthesis?", ("carbon dioxide", "co2")),
-    Question("At how many degrees Celsius does water freeze?", ("0", "zero")),
-    Question('Who wrote "Romeo and Juliet"?', ("shakespeare",)),
-    Question("What is the opposite of hot?", ("cold",)),
-    Question("Reply with only the word hello.", ("hello",)),
-    Question('Translate "thank you" into French.', ("merci",)),
-    Question("Write the number twelve in digits.", ("12",)),
-)
-
-
-def normalise(text: str) -> str:
-    """Lower case, accents dropped, anything but ASCII letters and digits turned into single spaces (so that
-    "0°C" reads as "0 c")."""
-    plain = "".join(c for c in unicodedata.normalize("NFKD", text.lower()) if not unicodedata.combining(c))
-    return " ".join(re.sub(r"[^a-z0-9]+", " ", plain).split())
-
-
-def is_right(answer: str, accepted: tuple[str, ...]) -> bool:
-    """Whether ``answer`` contains one of ``accepted`` as whole words."""
-    padded = f" {normalise(answer)} "
-    return any(f" {normalise(a)} " in padded for a in accepted)
 
 
 def ask(url: str, model: str, question: str) -> str:
@@ -109,8 +59,8 @@ def derived_files(out: Path, threads: int) -> dict[str, Path]:
     for precision in PRECISIONS[1:]:
         target = out / f"SmolLM2-135M-Instruct.{precision}.gguf"
         if not target.exists():
-            digest = derive_gguf(shipped, target, precision, threads=threads)
-            print(f"derived {target.name}: sha256 {digest}", file=sys.stderr)
+            derive_gguf(shipped, target, precision, threads=threads)
+            print(f"derived {target.name}: sha256 {sha256_file(target)}", file=sys.stderr)
         files[precision] = target
     return files
 

@@ -151,7 +151,31 @@ async def _stream(client: httpx.AsyncClient, model: str, prompt: str, max_tokens
     return "".join(text)
 
 
-def test_twelve_concurrent_streams_over_base_and_two_adapters_equal_their_solo_runs(server: Server) -> None:
+@pytest.fixture(scope="module")
+def q4_server(lora_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The same adapters over the shipped Q4_1 profile. Its kernels take integer dot products against activations
+    quantized row by row, so a sequence's logits do not depend on what else shares its batch, and equality with solo
+    runs checks isolation exactly. The default F16 profile's float kernels round by batch shape (a lone decode step
+    and a batch of twelve sum in another order), so a greedy pick may differ after a few tokens with no cross-talk."""
+    server = start_server(
+        tmp_path_factory.mktemp("adapters-q4_1"),
+        "--profile",
+        "llamacpp-cpu-q4_1",
+        "--lora-dir",
+        str(lora_dir),
+        "--parallel",
+        "12",
+        "--context-length",
+        "1024",
+        "--embedding-model",
+        "none",
+    )
+    yield server
+    server.stop()
+
+
+def test_twelve_concurrent_streams_over_base_and_two_adapters_equal_their_solo_runs(q4_server: Server) -> None:
+    server = q4_server
     jobs = [(["alpha", "beta", MODEL][i % 3], PROMPTS[i % len(PROMPTS)] + f" ({i // 3})") for i in range(12)]
 
     async def main() -> tuple[list[str], list[str]]:

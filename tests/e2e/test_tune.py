@@ -1,8 +1,9 @@
 """`microserve tune` end to end on the default model: a fact taught, bad data refused, Ctrl-C and --resume, and
 the converted GGUF LoRA applied by llama.cpp itself.
 
-Answers are checked with llama-cpp-python's own high-level ``Llama(lora_path=...)`` on the served Q4_1 GGUF,
-prompted with the chat template the server renders, greedy. Run under the CPU lock: these tests train.
+Answers are checked with llama-cpp-python's own high-level ``Llama(lora_path=...)`` on the GGUF the model was
+trained from (the shipped Q4_1 file; the served F16 profile holds the same weights), prompted with the chat template
+the server renders, greedy. Run under the CPU lock: these tests train.
 """
 
 from __future__ import annotations

@@ -70,9 +70,11 @@ def test_ships_no_compiler_and_nothing_the_build_borrowed(rootfs: Path, config: 
 def test_models_are_in_the_cache_owned_by_the_user(rootfs: Path, config: ImageConfig) -> None:
     uid = int(config.user.split(":")[0])
     cache = rootfs / "cache"
-    gguf = list((cache / "models" / CHAT).glob("*/*.gguf"))
+    gguf = {path.parent.name: path.stat().st_size for path in (cache / "models" / CHAT).glob("*/*.gguf")}
     onnx = list((cache / "onnx").glob("*/model.onnx"))
-    assert len(gguf) == 1 and gguf[0].stat().st_size > 50_000_000, gguf
+    # The shipped Q4_1 file and the F16 one `microserve pull` made from it at build time (the default profile).
+    assert set(gguf) == {"llamacpp-cpu-q4_1", "llamacpp-cpu-f16"}, gguf
+    assert gguf["llamacpp-cpu-q4_1"] > 50_000_000 and gguf["llamacpp-cpu-f16"] > 2.5 * gguf["llamacpp-cpu-q4_1"]
     assert len(onnx) == 1 and onnx[0].stat().st_size > 50_000_000, onnx
     for path in [cache, *cache.rglob("*")]:
         assert path.stat().st_uid == uid, path
@@ -139,7 +141,10 @@ def test_serves_offline_as_non_root_then_drains_on_sigterm(
                 max_tokens=24,
                 temperature=0,
             )
-            assert reply.choices[0].message.content, reply
+            # The README's question, answered right by the default profile made at build time.
+            assert "Paris" in (reply.choices[0].message.content or ""), reply
+            info = {m["shortName"]: m for m in httpx.get("http://127.0.0.1:8000/v1/metadata").json()["modelInfo"]}
+            assert info[CHAT]["profile"] == "llamacpp-cpu-f16", info
             assert reply.usage is not None and reply.usage.completion_tokens > 0
             vectors = client.embeddings.create(model=EMBEDDING, input=["a cat sat on the mat", "stock markets fell"])
             assert [len(item.embedding) for item in vectors.data] == [384, 384]

@@ -125,8 +125,26 @@ class HuggingFaceSource(_Strict):
         return f"hf://{self.repo}/{self.filename}@{self.revision}"
 
 
+class DerivedSource(_Strict):
+    """An artifact made on this machine, once, from another profile's artifact of the same manifest by the engine
+    that reads the format (for GGUF: llama.cpp writing the same weights as another type, such as F16 from a
+    quantized file). The digest of what was made is recorded and checked on every later load; ``sha256`` pins it
+    when the bytes are known in advance."""
+
+    kind: Literal["derived"]
+    profile: str = Field(description="The profile whose artifact this one is made from.")
+    type: str = Field(pattern=r"^[A-Za-z0-9_]+$", description="What the engine writes, e.g. F16.")
+    file: str = Field(pattern=r"^[^/\\.][^/\\]*$", description="The name the artifact takes in the cache.")
+    sha256: SHA256 | None = None
+
+    def describe(self) -> str:
+        """Where the artifact comes from, for listings."""
+        return f"derived:{self.profile}/{self.type}"
+
+
 Source = Annotated[
-    PackagedSource | PackagedDirSource | LocalSource | HttpSource | HuggingFaceSource, Field(discriminator="kind")
+    PackagedSource | PackagedDirSource | LocalSource | HttpSource | HuggingFaceSource | DerivedSource,
+    Field(discriminator="kind"),
 ]
 
 
@@ -197,6 +215,32 @@ class Manifest(_Strict):
         if len(ids) != len(set(ids)):
             raise ValueError(f"profile ids repeat in manifest {self.id}: {ids}")
         return self
+
+    @model_validator(mode="after")
+    def _derivable(self) -> Manifest:
+        for profile in self.profiles:
+            source = profile.source
+            if not isinstance(source, DerivedSource):
+                continue
+            parent = self.profile(source.profile)
+            if parent is None:
+                raise ValueError(f"profile {profile.id} is derived from `{source.profile}`, which {self.id} lacks")
+            if isinstance(parent.source, DerivedSource):
+                raise ValueError(f"profile {profile.id} is derived from {parent.id}, which is derived itself")
+            if parent.format != profile.format:
+                raise ValueError(
+                    f"profile {profile.id} ({profile.format}) is derived from {parent.id} ({parent.format})"
+                )
+            types = ENGINES[profile.engine].derives
+            if source.type.upper() not in types:
+                can = f"derives {', '.join(sorted(types))}" if types else "derives no artifacts"
+                raise ValueError(f"profile {profile.id} asks for {source.type}; its engine {profile.engine} {can}")
+        return self
+
+    def parent(self, profile: Profile) -> Profile | None:
+        """The profile a derived profile is made from (None for others)."""
+        source = profile.source
+        return self.profile(source.profile) if isinstance(source, DerivedSource) else None
 
     def names(self) -> list[str]:
         """Every name that selects this model, lower-cased."""

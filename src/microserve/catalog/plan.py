@@ -35,7 +35,7 @@ def plan_service(
 ) -> ServicePlan:
     """Plan every model ``settings`` asks for on ``hardware`` (default: this machine); raises CatalogError."""
     machine = hardware or probe()
-    store = store or ModelStore(settings.cache_dir, offline=settings.offline)
+    store = store or ModelStore(settings.cache_dir, offline=settings.offline, threads=settings.threads)
     names = settings.served_model_name
     if len(names) > len(settings.model):
         raise PlanError(f"{len(names)} served model names for {len(settings.model)} models")

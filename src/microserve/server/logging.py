@@ -52,6 +52,8 @@ class TextFormatter(logging.Formatter):
 class JsonFormatter(logging.Formatter):
     """Log records as JSON lines, timestamped in UTC; a record's ``fields`` extra is merged into the object."""
 
+    machine_readable = True  # progress bars stay off the stream this writes to (microserve.progress)
+
     def format(self, record: logging.LogRecord) -> str:
         """One JSON object."""
         out: dict[str, Any] = {

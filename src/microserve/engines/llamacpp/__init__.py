@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -37,3 +39,18 @@ def build(target: EngineTarget, settings: Settings) -> TextEngine:
             max_loras=settings.max_loras,
         )
     )
+
+
+def derive(
+    source: Path,
+    target: Path,
+    kind: str,
+    *,
+    threads: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> None:
+    """Write the GGUF ``source`` to ``target`` as file type ``kind`` (F16, BF16, Q8_0, F32) with llama.cpp's own
+    quantizer; ``progress(done, total)`` counts tensors."""
+    from microserve.engines.llamacpp.requantize import derive_gguf
+
+    derive_gguf(source, target, kind, threads=threads, progress=progress)

@@ -364,6 +364,12 @@ class Scheduler:
             slot, reuse = self._pick_slot(free, seq.prompt, seq.adapter)
             if seq.prompt_logprobs is not None:
                 reuse = 0  # every prompt position's logits are needed
+            elif seq.params.seed is not None and seq.params.temperature > 0:
+                # The same seed must give the same text. A model in F16 or BF16 is not batch-invariant: llama.cpp's
+                # float kernels round the last prompt token's logits differently when it is computed alone after a
+                # reused prefix than inside the whole prompt's batch, and a sampled token can flip. A seeded sample
+                # computes its prompt afresh, as the first request did (integer-dot quantized models never differ).
+                reuse = 0
             if reuse < len(slot.tokens) and not L.llama_memory_seq_rm(self._mem, slot.seq_id, reuse, -1):
                 # Some caches (recurrent, sliding-window) cannot drop a tail: start the slot afresh.
                 L.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
