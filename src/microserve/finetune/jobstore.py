@@ -74,6 +74,10 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     metrics TEXT NOT NULL,
     model_checkpoint TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS customizations (
+    job_id TEXT PRIMARY KEY,
+    request TEXT NOT NULL
+);
 CREATE INDEX IF NOT EXISTS events_by_job ON events (job_id, seq);
 CREATE INDEX IF NOT EXISTS checkpoints_by_job ON checkpoints (job_id, seq);
 """
@@ -94,9 +98,9 @@ def owner_of(api_key: str | None) -> str | None:
     return hashlib.sha256(api_key.encode("utf-8")).hexdigest() if api_key else None
 
 
-def new_id(prefix: str) -> str:
-    """An OpenAI-style object id (``file-...``, ``ftjob-...``)."""
-    return f"{prefix}-{secrets.token_hex(12)}"
+def new_id(prefix: str, sep: str = "-") -> str:
+    """An OpenAI-style object id (``file-...``, ``ftjob-...``, ``ft-event-...``, ``ftckpt_...``)."""
+    return f"{prefix}{sep}{secrets.token_hex(12)}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -358,7 +362,7 @@ class JobStore:
         data: dict[str, Any] | None = None,
     ) -> EventRow:
         """Append an event to the job's log."""
-        event_id = new_id("ftevent")
+        event_id = new_id("ft-event")
         now = int(time.time())
         with self._connect() as db:
             cursor = db.execute(
@@ -376,7 +380,7 @@ class JobStore:
 
     def add_checkpoint(self, job_id: str, step: int, metrics: dict[str, Any], model_checkpoint: str) -> CheckpointRow:
         """Record a checkpoint (one per epoch)."""
-        checkpoint_id = new_id("ftckpt")
+        checkpoint_id = new_id("ftckpt", "_")
         now = int(time.time())
         with self._connect() as db:
             cursor = db.execute(
@@ -392,3 +396,16 @@ class JobStore:
         with self._connect() as db:
             rows = db.execute("SELECT * FROM checkpoints WHERE job_id = ? ORDER BY seq DESC", (job_id,)).fetchall()
         return [CheckpointRow(**{**dict(r), "metrics": _loads(r["metrics"])}) for r in rows]
+
+    # -- NeMo Customizer's view of a job ----------------------------------------------------------------------
+
+    def add_customization(self, job_id: str, request: dict[str, Any]) -> None:
+        """Keep what a NeMo Customizer client sent for a job (its name, config, dataset, hyperparameters ...)."""
+        with self._connect() as db:
+            db.execute("INSERT INTO customizations (job_id, request) VALUES (?, ?)", (job_id, json.dumps(request)))
+
+    def customization(self, job_id: str) -> dict[str, Any] | None:
+        """What a NeMo Customizer client sent for the job, if it was created that way."""
+        with self._connect() as db:
+            row = db.execute("SELECT request FROM customizations WHERE job_id = ?", (job_id,)).fetchone()
+        return json.loads(row["request"]) if row else None

@@ -1,4 +1,8 @@
-"""API keys: every route but the health probes needs ``Authorization: Bearer <key>`` once keys are configured."""
+"""API keys: every route but the health probes needs ``Authorization: Bearer <key>`` once keys are configured.
+
+A request with a valid key carries the key's owner, the hex sha256 of the key, in its state (:func:`request_owner`):
+the fine-tuning routes keep each owner's files and jobs apart with it. The key itself goes no further than here.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import hashlib
 import hmac
 from pathlib import Path
 
+from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from microserve.server.errors import send_error
@@ -16,6 +21,7 @@ HEALTH_PATHS = frozenset({"/health"})
 METRICS_PATHS = frozenset({"/metrics", "/v1/metrics"})
 
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="microserve"'}
+OWNER_STATE = "api_key_owner"
 
 
 class KeyFileError(ValueError):
@@ -54,6 +60,12 @@ def load_key_digests(settings: Settings) -> list[bytes]:
     return digests
 
 
+def request_owner(request: Request) -> str | None:
+    """Who owns what this request creates: the hex sha256 of its API key, or None when the server has no keys."""
+    owner = getattr(request.state, OWNER_STATE, None)
+    return owner if isinstance(owner, str) else None
+
+
 def is_public(path: str, metrics_public: bool) -> bool:
     """Health probes are always open; metrics only when the operator says so."""
     if path.startswith(HEALTH_PREFIX) or path in HEALTH_PATHS:
@@ -78,7 +90,9 @@ class ApiKeyMiddleware:
         self.public_paths = public_paths
 
     def _valid(self, presented: str) -> bool:
-        candidate = _digest(presented)
+        return self._matches(_digest(presented))
+
+    def _matches(self, candidate: bytes) -> bool:
         # Compare against every key, without stopping at a match, so timing says nothing about which matched.
         matched = False
         for digest in self.digests:
@@ -109,7 +123,8 @@ class ApiKeyMiddleware:
                 code="missing_api_key",
             )
             return
-        if scheme.lower() != "bearer" or not self._valid(token.strip()):
+        candidate = _digest(token.strip())
+        if scheme.lower() != "bearer" or not self._matches(candidate):
             await send_error(
                 send,
                 401,
@@ -118,4 +133,5 @@ class ApiKeyMiddleware:
                 code="invalid_api_key",
             )
             return
+        scope.setdefault("state", {})[OWNER_STATE] = candidate.hex()
         await self.app(scope, receive, send)
