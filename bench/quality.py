@@ -30,8 +30,8 @@ import httpx
 from loadgen import ServerProcess, free_port, microserve_cmd, run_load, start_server, stop_server
 from microserve.catalog.derive_gguf import derive_gguf
 from microserve.catalog.manifest import find_builtin
-from microserve.settings import Settings
 from microserve.catalog.store import ModelStore
+from microserve.settings import Settings
 
 MODEL = "smollm2-135m-instruct"
 PRECISIONS = ("Q4_1", "Q8_0", "F16", "BF16")

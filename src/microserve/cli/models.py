@@ -164,8 +164,9 @@ def register(app: typer.Typer) -> None:
             typer.echo(json.dumps({"hardware": machine.to_dict(), "models": report}, indent=2))
         else:
             gpus = ", ".join(f"{g.name} ({g.memory_free_mb} MiB free)" for g in machine.gpus) or "no NVIDIA GPU"
+            quota = f" (cgroup quota {machine.cpu_quota:g} CPUs)" if machine.cpu_quota is not None else ""
             typer.echo(
-                f"{machine.cpu_model}: {machine.usable_cores}/{machine.logical_cores} cores usable, "
+                f"{machine.cpu_model}: {machine.usable_cores}/{machine.logical_cores} cores usable{quota}, "
                 f"{machine.memory_available_mb} MiB RAM available, {gpus}"
             )
             for entry in report:

@@ -37,7 +37,8 @@ def serve(settings: Settings) -> None:
     from microserve.catalog.errors import CatalogError
     from microserve.server.app import build_app
     from microserve.server.auth import KeyFileError
-    from microserve.server.drain import DrainingServer
+    from microserve.server.connections import guarded_protocol
+    from microserve.server.drain import CLOSE_GRACE, DrainingServer
     from microserve.server.logging import configure_logging
 
     configure_logging(settings.log_level, settings.log_format)
@@ -57,8 +58,11 @@ def serve(settings: Settings) -> None:
         access_log=False,
         # Nothing reads the client address, so rewriting it from X-Forwarded-For is work for nothing.
         proxy_headers=False,
-        # The drain has already waited for in-flight requests; this only bounds closing idle connections.
-        timeout_graceful_shutdown=5,
+        # A deadline on request headers and a cap on connections (server/connections.py); idle keep-alive.
+        http=guarded_protocol(settings.header_timeout, settings.max_connections),
+        timeout_keep_alive=settings.keep_alive_timeout,  # type: ignore[arg-type]
+        # The drain has already ended or cut off every request; this only bounds sending their last bytes.
+        timeout_graceful_shutdown=CLOSE_GRACE,  # type: ignore[arg-type]
         ssl_certfile=str(settings.ssl_certfile) if settings.ssl_certfile else None,
         ssl_keyfile=str(settings.ssl_keyfile) if settings.ssl_keyfile else None,
         ssl_ca_certs=str(settings.ssl_ca_certs) if settings.ssl_ca_certs else None,

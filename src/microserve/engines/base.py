@@ -20,7 +20,7 @@ GuideKind = Literal["json", "regex", "choice", "grammar", "tool_calls"]
 
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
-    """How to pick each next token. Neutral values disable a stage."""
+    """How to pick each next token. Neutral values disable a stage. ``max_tokens`` 0 scores the prompt only."""
 
     max_tokens: int
     temperature: float = 1.0
@@ -75,6 +75,19 @@ class GenerationRequest:
     n: int = 1
     # The LoRA adapter to generate with, by the name the engine loaded it under; None: the base model.
     adapter: str | None = None
+    # Score the prompt: each prompt token's logprob given the tokens before it, with this many alternatives (0:
+    # the token's own only), in the first delta of choice 0. None: the prompt is not scored, and costs nothing more.
+    prompt_logprobs: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PromptSegment:
+    """A piece of a rendered chat prompt: the template's own markup, whose special-token text becomes special
+    tokens, or client content (``markup`` false), which is always tokenized as plain text, so that a client who
+    types ``<|im_end|>`` gets the characters, never the control token."""
+
+    text: str
+    markup: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +114,10 @@ class GenerationDelta:
     index: int = 0
     # One entry per generated token in this delta when logprobs were requested (end-of-turn tokens excluded).
     logprobs: list[TokenLogprob] | None = None
+    # With ``prompt_logprobs``: one entry per prompt token, None for the first (nothing precedes it).
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    # The stop string that ended the choice, when one did.
+    stop_string: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,8 +176,23 @@ class TextEngine(Protocol):
         unless the text already starts with it (a chat template that renders its own BOS)."""
         ...
 
+    def encode_segments(self, segments: Sequence[PromptSegment]) -> list[int]:
+        """Token ids of a prompt given as segments: special-token text becomes special tokens in markup segments
+        only, content segments are tokenized as plain text; BOS as :meth:`encode_prompt` adds it."""
+        ...
+
     def token_ids(self, text: str) -> list[int]:
         """Ids of a special-token string (``<end_of_turn>``); empty if the vocabulary lacks it."""
+        ...
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        """The text that token ids spell, as generated text spells it (special tokens render as nothing)."""
+        ...
+
+    def check_request(self, request: GenerationRequest) -> None:
+        """Raise InvalidRequest for what this engine cannot serve (an empty prompt, prompt plus completion beyond
+        the context, an adapter it has not loaded). Services call it while preparing a request, so that such a
+        request is a 400 before any response (a stream's 200) has started."""
         ...
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 from microserve.errors import InvalidRequest
 from microserve.finetune.jobs import FineTuningJobs, NotFound
@@ -101,7 +101,7 @@ class Customizations:
             )
         model = base_model_of(request.config)
         training_file = self._dataset_file(owner, request.dataset)
-        multiplier: float | str = "auto"
+        multiplier: Literal["auto"] | float = "auto"
         if hyper.learning_rate is not None:
             multiplier = hyper.learning_rate / self.jobs.base_learning_rate
             if multiplier > 10:
@@ -133,6 +133,7 @@ class Customizations:
                     learning_rate_multiplier=multiplier,
                 ),
                 seed=hyper.seed,
+                suffix=None,
             ),
             overrides=overrides,
             name=request.output_model,

@@ -396,9 +396,11 @@ class JobRunner:
 
     def _published(self, job: JobRow) -> bool:
         # The worker records the trained tokens only once the adapter is in place.
-        return job.trained_tokens is not None and bool(job.fine_tuned_model) and (
-            self.lora_dir / str(job.fine_tuned_model) / "adapter.gguf"
-        ).is_file()
+        return (
+            job.trained_tokens is not None
+            and bool(job.fine_tuned_model)
+            and (self.lora_dir / str(job.fine_tuned_model) / "adapter.gguf").is_file()
+        )
 
     def _succeeded(self, job_id: str) -> None:
         # The event first: a client that sees the status change finds it.

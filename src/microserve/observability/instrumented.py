@@ -20,8 +20,10 @@ from microserve.engines.base import (
     GenerationRequest,
     Guide,
     ModelInfo,
+    PromptSegment,
     TextEngine,
 )
+from microserve.errors import ServiceError
 from microserve.observability.metrics import Metrics
 from microserve.observability.record import current_record
 from microserve.observability.tracing import Tracing
@@ -126,9 +128,26 @@ class InstrumentedEngine(_Wrapper[TextEngine]):
         """Tokenize a prompt with the wrapped engine."""
         return self.inner.encode_prompt(text)
 
+    def encode_segments(self, segments: Sequence[PromptSegment]) -> list[int]:
+        """Tokenize a segmented chat prompt with the wrapped engine."""
+        return self.inner.encode_segments(segments)
+
     def token_ids(self, text: str) -> list[int]:
         """Special-token ids from the wrapped engine."""
         return self.inner.token_ids(text)
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        """Text of token ids from the wrapped engine."""
+        return self.inner.detokenize(ids)
+
+    def check_request(self, request: GenerationRequest) -> None:
+        """Check a request with the wrapped engine; a refusal counts as a rejected request."""
+        try:
+            self.inner.check_request(request)
+        except ServiceError as exc:
+            if exc.status_code < 500:
+                self._metrics.rejected.labels(self.model_name, "invalid_request").inc()
+            raise
 
     def stats(self) -> EngineStats:
         """The wrapped engine's load."""
@@ -150,13 +169,16 @@ class InstrumentedEngine(_Wrapper[TextEngine]):
         """The wrapped stream, measured per choice; an abandoned choice counts as finished_reason ``abort``.
 
         With ``n`` > 1 the choices share one prefill: prompt tokens count once, each choice is one finished
-        sequence, and time to first token is the first token of any choice.
+        sequence, and time to first token is the first token of any choice. A request the engine refuses before
+        its first token (a client error that slipped past ``check_request``) counts as rejected, not as a
+        finished sequence.
         """
         m = self._metrics
         name = self.model_name
         record = current_record()
         started = time.monotonic()
         first_token = False
+        refused = False
         completion: dict[int, int] = {}
         last_at: dict[int, float] = {}
         finish: dict[int, str] = {}
@@ -189,12 +211,19 @@ class InstrumentedEngine(_Wrapper[TextEngine]):
                 if delta.finish_reason is not None:
                     finish[i] = delta.finish_reason
                 yield delta
+        except ServiceError as exc:
+            refused = exc.status_code < 500 and not completion
+            raise
         finally:
             generated = sum(completion.values())
             reasons = [finish.get(i, "abort") for i in range(max(request.n, 1))]
-            m.prompt_tokens.labels(name).inc(len(request.prompt_tokens))
-            for reason in reasons:
-                m.success.labels(name, reason).inc()
+            if refused:
+                m.rejected.labels(name, "invalid_request").inc()
+                reasons = ["rejected"]
+            else:
+                m.prompt_tokens.labels(name).inc(len(request.prompt_tokens))
+                for reason in reasons:
+                    m.success.labels(name, reason).inc()
             queued = record.queue_time if record is not None else 0.0
             m.e2e.labels(name).observe(time.monotonic() - started + queued)
             summary = ",".join(dict.fromkeys(reasons))

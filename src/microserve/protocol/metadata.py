@@ -28,6 +28,14 @@ class AdapterInfo(BaseModel):
     source: str
 
 
+class CpuInfo(BaseModel):
+    """The CPUs the service found: all of them, those it may use (affinity and cgroup quota), and the quota."""
+
+    logical_cores: int
+    usable_cores: int
+    cpu_quota: float | None = Field(None, description="CPUs the cgroup quota (cpu.max) allows; null: no quota.")
+
+
 class Metadata(BaseModel):
     """``GET /v1/metadata``."""
 
@@ -38,6 +46,7 @@ class Metadata(BaseModel):
     engines: dict[str, str | None]
     adapters: list[AdapterInfo] = []
     repository_override: str = ""
+    cpu: CpuInfo | None = None
 
 
 class Version(BaseModel):

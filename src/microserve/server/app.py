@@ -28,22 +28,29 @@ from microserve.observability.tracing import Tracing
 from microserve.server.adapters import AdapterManager
 from microserve.server.admission import Admission
 from microserve.server.auth import HEALTH_PATHS, METRICS_PATHS, ApiKeyMiddleware, load_key_digests
+from microserve.server.body_text import BodyTextMiddleware
+from microserve.server.cors import CorsMiddleware
 from microserve.server.drain import DrainMiddleware, DrainState
-from microserve.server.errors import install_error_handlers
+from microserve.server.errors import UnhandledErrorMiddleware, install_error_handlers
 from microserve.server.fine_tuning import FineTuning
+from microserve.server.head import HeadMiddleware
 from microserve.server.limits import BodyLimitMiddleware
 from microserve.server.logging import RequestLogMiddleware, route_label
+from microserve.server.openapi import install_openapi
 from microserve.server.routes import adapters as adapter_routes
+from microserve.server.routes import anthropic, health, metadata, openai, playground, responses, retrieval, tokenize
 from microserve.server.routes import customization as customization_routes
 from microserve.server.routes import fine_tuning as fine_tuning_routes
-from microserve.server.routes import health, metadata, openai, playground, retrieval
 from microserve.server.routes import metrics as metrics_routes
 from microserve.services.chat import ChatService
 from microserve.services.completions import CompletionService
 from microserve.services.embeddings import EmbeddingService
 from microserve.services.limits import RequestLimits
+from microserve.services.messages import MessagesService
 from microserve.services.models import ModelTable, ServedModel
 from microserve.services.ranking import RankingService
+from microserve.services.responses import ResponsesService, ResponseStore
+from microserve.services.tokenize import TokenizeService
 from microserve.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -161,7 +168,12 @@ def build_app(
     app.state.models = models
     app.state.load_error = None
     app.state.loaded = False
-    app.state.chat = ChatService(models, limits)
+    app.state.chat = chat = ChatService(models, limits, content_special_tokens=settings.chat_content_special_tokens)
+    app.state.responses = ResponsesService(
+        chat, ResponseStore(settings.response_store_size, settings.response_store_bytes)
+    )
+    app.state.messages = MessagesService(chat)
+    app.state.tokenizer = TokenizeService(models)
     app.state.completions = CompletionService(models, limits)
     app.state.embeddings = EmbeddingService(models)
     app.state.ranking = RankingService(models)
@@ -172,11 +184,16 @@ def build_app(
     app.state.tracing = tracing
     app.state.drain = drain
     install_error_handlers(app)
+    install_openapi(app, limits)
 
     def count_response(scope: Scope, status: int) -> None:
         metrics.count_response(scope["method"], route_label(scope), status)
 
-    # Added innermost first: log/id → drain gate → API key → body limit → routes.
+    # Added innermost first: log/id → drain gate → CORS → API key → body limit → body text → HEAD as GET →
+    # last-resort 500 → routes.
+    app.add_middleware(UnhandledErrorMiddleware)
+    app.add_middleware(HeadMiddleware)
+    app.add_middleware(BodyTextMiddleware)
     uploads = {fine_tuning_routes.FILES_PATH: settings.max_upload_bytes + fine_tuning_routes.FORM_OVERHEAD}
     app.add_middleware(
         BodyLimitMiddleware, max_bytes=settings.max_body_bytes, streamed=uploads if fine_tuning else None
@@ -187,6 +204,14 @@ def build_app(
         metrics_public=settings.metrics_public,
         public_paths=playground.PUBLIC_PATHS if settings.playground else frozenset(),
     )
+    if settings.cors_allow_origins:
+        # Outside the key check: preflights carry no credentials.
+        app.add_middleware(
+            CorsMiddleware,
+            origins=settings.cors_allow_origins,
+            methods=settings.cors_allow_methods,
+            headers=settings.cors_allow_headers,
+        )
     app.add_middleware(DrainMiddleware, state=drain)
     app.add_middleware(
         RequestLogMiddleware,
@@ -200,6 +225,9 @@ def build_app(
     app.include_router(retrieval.router)
     app.include_router(openai.router)
     app.include_router(adapter_routes.router)
+    app.include_router(responses.router)
+    app.include_router(anthropic.router)
+    app.include_router(tokenize.router)
     app.include_router(health.router)
     app.include_router(metadata.router)
     app.include_router(metrics_routes.router)

@@ -1,4 +1,5 @@
-"""API keys: every route but the health probes needs ``Authorization: Bearer <key>`` once keys are configured.
+"""API keys: every route but the health probes needs ``Authorization: Bearer <key>`` once keys are configured; the
+Anthropic Messages routes also take the key as ``x-api-key``, as Anthropic's clients send it.
 
 A request with a valid key carries the key's owner, the hex sha256 of the key, in its state (:func:`request_owner`):
 the fine-tuning routes keep each owner's files and jobs apart with it. The key itself goes no further than here.
@@ -13,7 +14,7 @@ from pathlib import Path
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from microserve.server.errors import send_error
+from microserve.server.errors import ANTHROPIC_PREFIX, send_error
 from microserve.settings import Settings
 
 HEALTH_PREFIX = "/v1/health/"
@@ -108,19 +109,24 @@ class ApiKeyMiddleware:
         ):
             await self.app(scope, receive, send)
             return
+        path = scope["path"]
+        anthropic = path.startswith(ANTHROPIC_PREFIX)
         header = ""
+        api_key: str | None = None
         for name, value in scope.get("headers") or []:
             if name == b"authorization":
                 header = value.decode("latin-1")
-                break
+            elif name == b"x-api-key" and anthropic:
+                api_key = value.decode("latin-1")
         scheme, _, token = header.partition(" ")
-        if not header:
+        if api_key is not None and not header:
+            scheme, token = "bearer", api_key
+        if not header and api_key is None:
+            how = (
+                "`x-api-key: <key>` or `Authorization: Bearer <key>`" if anthropic else "`Authorization: Bearer <key>`"
+            )
             await send_error(
-                send,
-                401,
-                "Missing API key: send it as `Authorization: Bearer <key>`.",
-                headers=_CHALLENGE,
-                code="missing_api_key",
+                send, 401, f"Missing API key: send it as {how}.", headers=_CHALLENGE, code="missing_api_key", path=path
             )
             return
         candidate = _digest(token.strip())
@@ -131,6 +137,7 @@ class ApiKeyMiddleware:
                 "Incorrect API key provided.",
                 headers={"WWW-Authenticate": 'Bearer realm="microserve", error="invalid_token"'},
                 code="invalid_api_key",
+                path=path,
             )
             return
         scope.setdefault("state", {})[OWNER_STATE] = candidate.hex()

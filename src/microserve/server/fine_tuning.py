@@ -99,7 +99,8 @@ class FineTuning:
             raise RuntimeError(f"loading the adapter took longer than {SERVE_TIMEOUT:.0f}s") from None
 
     async def _serve(self, name: str) -> None:
-        while not self._loaded():  # a job that ends while the engines load waits for them
+        # A job that ends while the engines load waits for them (readiness is a flag the loader sets, not an event).
+        while not self._loaded():  # noqa: ASYNC110
             await asyncio.sleep(0.2)
         if any(a.name == name for a in self.adapters.served()):
             return  # a rescan of the directory found it first

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import secrets
 import time
 from collections.abc import Callable, Mapping
@@ -24,6 +25,28 @@ log = logging.getLogger("microserve.access")
 
 _PROMPT_FIELDS = ("messages", "prompt", "input", "query", "documents")
 _LOG_PROMPT_CHARS = 4096
+# A value written bare in a text line: printable ASCII without spaces or quotes. Anything else is JSON-quoted, so a
+# client cannot break a line (a %0A in the path) or forge `key=value` pairs in it.
+_BARE = re.compile(r"[!#-~]*")
+# Control characters (and the Unicode line separators) that would let text start a new log line.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _bare_or_quoted(value: object) -> object:
+    if isinstance(value, str) and not _BARE.fullmatch(value):
+        return json.dumps(value)
+    return value
+
+
+class TextFormatter(logging.Formatter):
+    """Text log lines with control characters in the message escaped, so that client text quoted in a message
+    (a path, a model name) never starts a line of its own; tracebacks keep their lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        """The record's line, its message made single-line."""
+        if _CONTROL.search(record.message):
+            record.message = _CONTROL.sub(lambda m: json.dumps(m.group())[1:-1], record.message)
+        return super().formatMessage(record)
 
 
 class JsonFormatter(logging.Formatter):
@@ -53,7 +76,7 @@ def configure_logging(level: str, log_format: str) -> None:
     if log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -160,7 +183,7 @@ class RequestLogMiddleware:
         }
         if self.log_prompts and body:
             fields["prompt"] = _prompt_of(b"".join(body))
-        text = " ".join(f"{k}={json.dumps(v) if isinstance(v, str) and ' ' in v else v}" for k, v in fields.items())
+        text = " ".join(f"{k}={_bare_or_quoted(v)}" for k, v in fields.items())
         log.info("%s", text, extra={"fields": {"message": "request", **fields}})
 
 

@@ -10,10 +10,15 @@ from typing import Literal
 
 from microserve.engines.base import EncoderInfo, EncoderInput
 from microserve.errors import InvalidRequest
-from microserve.protocol.embeddings import Embedding, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage
+from microserve.protocol.embeddings import (
+    MAX_INPUTS,
+    Embedding,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    EmbeddingUsage,
+)
 from microserve.services.models import ModelTable, ServedModel
 
-MAX_INPUTS = 2048  # OpenAI's limit on inputs per request
 # Below this many characters tokenizing takes microseconds, less than a hop to a worker thread and back.
 INLINE_TOKENIZE_CHARS = 4096
 TruncateSide = Literal["NONE", "START", "END"]

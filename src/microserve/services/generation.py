@@ -9,6 +9,7 @@ from typing import Any
 from microserve.engines.base import Guide, SamplingParams
 from microserve.errors import InvalidRequest
 from microserve.protocol.common import MAX_STOP_SEQUENCES, GuidedFields, SamplingFields
+from microserve.protocol.peer_fields import refused_field
 from microserve.services.limits import RequestLimits
 from microserve.services.models import ModelTable, ServedModel
 
@@ -107,6 +108,28 @@ def guides_of(fields: GuidedFields, prefix: str = "") -> list[Guide]:
         guides.append(Guide("choice", list(fields.guided_choice), f"{prefix}guided_choice"))
     if fields.guided_grammar is not None:
         guides.append(Guide("grammar", fields.guided_grammar, f"{prefix}guided_grammar"))
+    # llama-server's names
+    if fields.grammar is not None:
+        guides.append(Guide("grammar", fields.grammar, f"{prefix}grammar"))
+    if fields.json_schema is not None:
+        param = f"{prefix}json_schema"
+        guides.append(Guide("json", _schema_value(fields.json_schema, param), param))
+    # vLLM's structured outputs
+    so = fields.structured_outputs
+    if so is not None:
+        at = f"{prefix}structured_outputs"
+        if so.structural_tag is not None:
+            raise InvalidRequest(f"`{at}.structural_tag` is not supported", param=f"{at}.structural_tag")
+        if so.json_ is not None:
+            guides.append(Guide("json", _schema_value(so.json_, f"{at}.json"), f"{at}.json"))
+        if so.regex is not None:
+            guides.append(Guide("regex", so.regex, f"{at}.regex"))
+        if so.choice is not None:
+            guides.append(Guide("choice", list(so.choice), f"{at}.choice"))
+        if so.grammar is not None:
+            guides.append(Guide("grammar", so.grammar, f"{at}.grammar"))
+        if so.json_object:
+            guides.append(Guide("json", {"type": "object"}, f"{at}.json_object"))
     return guides
 
 
@@ -129,6 +152,15 @@ class GenerationService:
         self, name: str, request: SamplingFields, *, messages: int | None = None, requested: int | None
     ) -> ServedModel:
         """The text model called ``name``, once the request is within the operator's limits."""
+        refused = refused_field(request.model_extra)
+        if refused is not None:
+            field, value = refused
+            raise InvalidRequest(
+                f"`{field}` is not supported by this server and would change the output (got {value!r}); "
+                "leave it out or set it to its neutral value",
+                param=field,
+                code="unsupported_parameter",
+            )
         self._limits.check(request, messages=messages, requested_tokens=requested)
         return self._models.text(name)
 

@@ -10,10 +10,9 @@ from typing import Literal
 
 from microserve.engines.base import EncoderInput
 from microserve.errors import InvalidRequest
+from microserve.protocol.ranking import MAX_PASSAGES
 from microserve.services.embeddings import fit
 from microserve.services.models import ModelTable, ServedModel
-
-MAX_PASSAGES = 1000
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import collections.abc
 import ctypes
 import logging
 import re
 from collections.abc import AsyncIterator
+from collections.abc import Sequence as Ids
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -19,15 +21,26 @@ from microserve.engines.base import (
     GenerationRequest,
     Guide,
     ModelInfo,
+    PromptSegment,
     TokenLogprob,
 )
 from microserve.engines.llamacpp.grammar import GrammarCache
 from microserve.engines.llamacpp.log import install_log_capture
 from microserve.engines.llamacpp.lora import AdapterUnavailable, LoraSet
+from microserve.engines.llamacpp.prompt_tokens import ControlTexts, encode_segments
 from microserve.engines.llamacpp.sampling import SequenceSampler, build_sampler
-from microserve.engines.llamacpp.scheduler import Admitted, Event, Failure, Scheduler, Sequence, Token
+from microserve.engines.llamacpp.scheduler import (
+    Admitted,
+    Event,
+    Failure,
+    PromptScores,
+    Scheduler,
+    Sequence,
+    Token,
+)
 from microserve.engines.llamacpp.sequence import TextAssembler
 from microserve.engines.llamacpp.structured import GrammarBuilder
+from microserve.engines.llamacpp.threads import ThreadPolicy
 from microserve.errors import EngineFailure, InvalidRequest, NotReady
 from microserve.hardware import usable_cores
 
@@ -45,6 +58,8 @@ class LlamaCppConfig:
     parallel: int = 8
     context_length: int | None = None
     threads: int | None = None
+    # Follow the CPUs other processes leave free, up to ``threads`` (threads.py); else always ``threads``.
+    adaptive_threads: bool = False
     batch_size: int = 256
     prefill_chunk: int | None = None
     prefix_cache: bool = True
@@ -69,6 +84,8 @@ class LlamaCppEngine:
         self._builder = GrammarBuilder()
         self._n_vocab = 0
         self._add_bos = False
+        self._controls = ControlTexts({})
+        self._threads: ThreadPolicy | None = None
         self._ready = False
 
     # -- lifecycle --------------------------------------------------------------------------------------------
@@ -90,12 +107,26 @@ class LlamaCppEngine:
         await asyncio.to_thread(self._load)
         assert self._scheduler is not None and self._ctx is not None
         await asyncio.wrap_future(self._scheduler.start(partial(self._warm_up, self._ctx)))
+        threads = self.config.threads or usable_cores()
+        if self.config.adaptive_threads and threads > 1:
+            self._threads = ThreadPolicy(threads, self._set_threads)
+            self._threads.start()
         self._ready = True
         log.info("model %s ready", self.config.model_id)
+
+    def _set_threads(self, threads: int) -> None:
+        # Called from the policy's thread while the engine thread decodes. llama.cpp reads the count from the
+        # context's parameters when each decode starts; the call only stores two aligned 32-bit ints, so a decode
+        # under way keeps the count it started with and the next one takes the new count.
+        if self._ctx is not None:
+            L.llama_set_n_threads(self._ctx, threads, threads)
 
     async def shutdown(self) -> None:
         """Stop the engine thread and free llama.cpp's memory."""
         self._ready = False
+        if self._threads is not None:
+            await asyncio.to_thread(self._threads.stop)
+            self._threads = None
         if self._scheduler is not None:
             await asyncio.to_thread(self._scheduler.stop)
             self._scheduler = None
@@ -147,6 +178,7 @@ class LlamaCppEngine:
 
         self._eog = frozenset(t for t in range(n_vocab) if L.llama_vocab_is_eog(vocab, t))
         self._add_bos = bool(L.llama_vocab_get_add_bos(vocab))
+        self._controls = self._control_texts(vocab, n_vocab)
         template = L.llama_model_chat_template(model, None)
         self._info = ModelInfo(
             id=cfg.model_id,
@@ -161,6 +193,7 @@ class LlamaCppEngine:
         self._loras = LoraSet(model, cfg.max_loras)
         self._scheduler = Scheduler(
             ctx,
+            n_vocab=n_vocab,
             n_slots=cfg.parallel,
             n_ctx_seq=n_ctx_seq,
             batch_size=cfg.batch_size,
@@ -204,6 +237,19 @@ class LlamaCppEngine:
         if rc != 0:
             raise RuntimeError(f"warm-up decode failed with status {rc}")
 
+    @staticmethod
+    def _control_texts(vocab: L.llama_vocab_p, n_vocab: int) -> ControlTexts:
+        # The tokens llama.cpp matches in text only when special-token parsing is on: control and unknown ones.
+        # User-defined tokens (Gemma's runs of newlines) are matched either way, as ordinary text.
+        flags = L.LLAMA_TOKEN_ATTR_CONTROL | L.LLAMA_TOKEN_ATTR_UNKNOWN
+        texts: dict[str, int] = {}
+        for token in range(n_vocab):
+            if L.llama_vocab_get_attr(vocab, token) & flags:
+                text = L.llama_vocab_get_text(vocab, token)
+                if text:
+                    texts.setdefault(text.decode("utf-8", errors="replace"), token)
+        return ControlTexts(texts)
+
     def _meta(self, key: str) -> str:
         buf = ctypes.create_string_buffer(256)
         n = L.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
@@ -239,10 +285,30 @@ class LlamaCppEngine:
         add_bos = self._add_bos and not (bos and text.startswith(bos))
         return self.tokenize(text, add_special=add_bos, parse_special=True)
 
+    def encode_segments(self, segments: collections.abc.Sequence[PromptSegment]) -> list[int]:
+        """Token ids of a chat prompt: control tokens come from markup segments only (prompt_tokens.py); BOS is
+        added as :meth:`encode_prompt` adds it."""
+        if self._vocab is None:
+            raise NotReady("the model is still loading")
+        bos = L.llama_vocab_bos(self._vocab) if self._add_bos else -1
+        return encode_segments(
+            segments,
+            self._controls,
+            lambda text, special: self.tokenize(text, add_special=False, parse_special=special),
+            bos=bos if bos >= 0 else None,
+            bos_text=self._info.bos_token if self._info is not None else "",
+        )
+
     def token_ids(self, text: str) -> list[int]:
         """The id of a special token given as text, or [] if it is not a single token of this vocabulary."""
         ids = self.tokenize(text, add_special=False, parse_special=True)
         return ids if len(ids) == 1 else []
+
+    def detokenize(self, ids: Ids[int]) -> str:
+        """The text of ``ids`` as generated text spells it: special tokens render as nothing."""
+        if self._vocab is None:
+            raise NotReady("the model is still loading")
+        return b"".join(self.piece(t) for t in ids).decode("utf-8", errors="replace")
 
     def piece(self, token: int) -> bytes:
         """The bytes a token stands for in generated text (special tokens render as nothing)."""
@@ -319,18 +385,20 @@ class LlamaCppEngine:
             top=tuple((self.piece(t), lp) for t, lp in token.top),
         )
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
-        """Stream the deltas of all ``n`` choices; leaving the iterator early cancels the sequences at the next step.
+    def _prompt_logprobs(self, event: PromptScores) -> list[TokenLogprob | None]:
+        entries: list[TokenLogprob | None] = [None]
+        for token, logprob, top in event.scores:
+            entries.append(TokenLogprob(token, self.piece(token), logprob, tuple((self.piece(t), lp) for t, lp in top)))
+        return entries
 
-        Choice 0 prefills the prompt; the others wait for it and copy its KV cells (see the scheduler's fork).
-        """
-        scheduler = self._scheduler
-        if not self._ready or scheduler is None:
-            raise NotReady("the model is still loading")
+    def check_request(self, request: GenerationRequest) -> None:
+        """400s for what this engine cannot serve, raised while the request is prepared (before any stream)."""
         prompt = request.prompt_tokens
         limit = self.info.context_length
         if not prompt:
-            raise InvalidRequest("the prompt is empty", param="prompt")
+            raise InvalidRequest("the prompt is empty: it has no tokens", param="prompt")
+        if min(prompt) < 0 or max(prompt) >= self._n_vocab:
+            raise InvalidRequest(f"the prompt holds a token id outside [0, {self._n_vocab})", param="prompt")
         if len(prompt) + request.params.max_tokens > limit:
             raise InvalidRequest(
                 f"This model's maximum context length is {limit} tokens, but {len(prompt)} prompt tokens "
@@ -342,6 +410,18 @@ class LlamaCppEngine:
             raise InvalidRequest(
                 f"the adapter `{request.adapter}` is not loaded", param="model", code="model_not_found"
             )
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
+        """Stream the deltas of all ``n`` choices; leaving the iterator early cancels the sequences at the next step.
+
+        Choice 0 prefills the prompt; the others wait for it and copy its KV cells (see the scheduler's fork).
+        """
+        scheduler = self._scheduler
+        if not self._ready or scheduler is None:
+            raise NotReady("the model is still loading")
+        prompt = request.prompt_tokens
+        # Checked again: a caller that skipped check_request must not reach the scheduler with it.
+        self.check_request(request)
         grammar, triggers = await self._grammar(request.guide) if request.guide is not None else (None, ())
         n = max(1, request.n)
         queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
@@ -359,6 +439,7 @@ class LlamaCppEngine:
                     grammar_triggers=triggers,
                     top_logprobs=request.logprobs,
                     adapter=request.adapter,
+                    prompt_logprobs=request.prompt_logprobs if index == 0 else None,
                     fork_from=seqs[0] if index else None,
                 )
             )
@@ -370,6 +451,7 @@ class LlamaCppEngine:
         # Logprobs of tokens whose text is held back as a possible stop string: listed once the text is emitted,
         # dropped if it was a stop string, so that the listed tokens always spell the content.
         held: list[list[TokenLogprob]] = [[] for _ in range(n)]
+        scored = False
         for seq in seqs:
             scheduler.submit(seq)
         try:
@@ -385,6 +467,8 @@ class LlamaCppEngine:
                         raise EngineFailure(f"generation failed: {event.message}")
                     if isinstance(event, Admitted):
                         cached[index] = event.cached_tokens
+                    elif isinstance(event, PromptScores):
+                        pending.setdefault(index, _Pending()).prompt = self._prompt_logprobs(event)
                     elif not done[index]:
                         part = pending.setdefault(index, _Pending())
                         engine_done[index] = event.finish is not None
@@ -412,6 +496,7 @@ class LlamaCppEngine:
                         part.parts.append(emitted)
                         if stopped:
                             part.finish = "stop"
+                            part.stop_string = texts[index].matched_stop
                         elif event.finish is not None:
                             part.finish = "stop" if event.finish == "stop" else "length"
                             part.parts.append(texts[index].finish())
@@ -424,8 +509,12 @@ class LlamaCppEngine:
                         break
                     index, event = queue.get_nowait()
                 for i, part in sorted(pending.items()):
-                    if not part.ids and part.finish is None:
+                    if not part.ids and part.finish is None and part.prompt is None:
                         continue
+                    if i == 0 and request.prompt_logprobs is not None and not scored:
+                        # A one-token prompt has nothing to score: its entry is the first token's null.
+                        part.prompt = part.prompt or [None]
+                        scored = True
                     yield GenerationDelta(
                         text="".join(part.parts),
                         token_ids=part.ids,
@@ -435,6 +524,8 @@ class LlamaCppEngine:
                         cached_tokens=cached[i],
                         index=i,
                         logprobs=part.logprobs if request.logprobs is not None else None,
+                        prompt_logprobs=part.prompt,
+                        stop_string=part.stop_string,
                     )
         finally:
             # Covers a client that went away and a stop string that ended the text before the engine did.
@@ -464,3 +555,5 @@ class _Pending:
     ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish: FinishReason | None = None
+    prompt: list[TokenLogprob | None] | None = None
+    stop_string: str | None = None

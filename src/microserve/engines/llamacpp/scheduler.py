@@ -26,6 +26,7 @@ import llama_cpp as L
 
 from microserve.engines.base import EngineStats, SamplingParams
 from microserve.engines.llamacpp.lora import AdapterUnavailable, LoraSet
+from microserve.engines.llamacpp.prompt_scoring import Score, score_rows
 from microserve.engines.llamacpp.sampling import SequenceSampler
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,14 @@ class Admitted:
     cached_tokens: int
 
 
-Event = Token | Failure | Admitted
+@dataclass(slots=True)
+class PromptScores:
+    """Posted once a scored prompt is prefilled: one score per prompt token after the first."""
+
+    scores: list[Score]
+
+
+Event = Token | Failure | Admitted | PromptScores
 
 
 class EventSink(Protocol):
@@ -81,6 +89,9 @@ class Sequence:
     # The LoRA adapter the sequence decodes with (None: the base model); its handle once admitted.
     adapter: str | None = None
     lora: L.llama_adapter_lora_p | None = None
+    # Score the prompt with this many alternatives per token: logits at every prompt position, no prefix reuse.
+    prompt_logprobs: int | None = None
+    prompt_scores: list[Score] = field(default_factory=list)
     # A sibling choice of the same prompt: this sequence waits for it to prefill, then copies its prompt's KV.
     fork_from: Sequence | None = None
     cancelled: bool = False
@@ -169,6 +180,7 @@ class Scheduler:
         self,
         ctx: L.llama_context_p,
         *,
+        n_vocab: int = 0,
         n_slots: int,
         n_ctx_seq: int,
         batch_size: int,
@@ -179,6 +191,7 @@ class Scheduler:
         loras: LoraSet | None = None,
     ) -> None:
         self._ctx = ctx
+        self._n_vocab = n_vocab
         self._mem = L.llama_get_memory(ctx)
         self._n_ctx_seq = n_ctx_seq
         self._batch_size = batch_size
@@ -340,6 +353,8 @@ class Scheduler:
             if seq.adapter is not None and not self._attach_adapter(seq):
                 continue
             slot, reuse = self._pick_slot(free, seq.prompt, seq.adapter)
+            if seq.prompt_logprobs is not None:
+                reuse = 0  # every prompt position's logits are needed
             if reuse < len(slot.tokens) and not L.llama_memory_seq_rm(self._mem, slot.seq_id, reuse, -1):
                 # Some caches (recurrent, sliding-window) cannot drop a tail: start the slot afresh.
                 L.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
@@ -427,8 +442,11 @@ class Scheduler:
         batch = self._batch
         n = 0
         sample_at: list[tuple[Sequence, int]] = []
+        # Scored prompts: (sequence, batch index, the prompt token those logits predict).
+        score_at: list[tuple[Sequence, int, int]] = []
+        prefill_only: list[Sequence] = []  # prompts scored with max_tokens 0: done once prefilled
 
-        def add(seq: Sequence, token: int, want_logits: bool) -> None:
+        def add(seq: Sequence, token: int, want_logits: bool, score_next: int | None = None) -> None:
             nonlocal n
             slot = seq.slot
             assert slot is not None
@@ -436,10 +454,12 @@ class Scheduler:
             batch.pos[n] = len(slot.tokens)
             batch.n_seq_id[n] = 1
             batch.seq_id[n][0] = slot.seq_id
-            batch.logits[n] = want_logits
+            batch.logits[n] = want_logits or score_next is not None
             slot.tokens.append(token)
             if want_logits:
                 sample_at.append((seq, n))
+            if score_next is not None:
+                score_at.append((seq, n, score_next))
             n += 1
 
         # One adapter set per decode (llama.cpp applies adapters to the whole context): the sets with work take
@@ -463,9 +483,17 @@ class Scheduler:
                 continue
             take = min(budget, remaining)
             start = seq.prefilled
-            for i in range(start, start + take):
-                add(seq, seq.prompt[i], i == len(seq.prompt) - 1)
+            last = len(seq.prompt) - 1
+            generates = seq.params.max_tokens > 0
+            if seq.prompt_logprobs is None:
+                for i in range(start, start + take):
+                    add(seq, seq.prompt[i], i == last and generates)
+            else:
+                for i in range(start, start + take):
+                    add(seq, seq.prompt[i], i == last and generates, seq.prompt[i + 1] if i < last else None)
             seq.prefilled += take
+            if seq.prefilled == len(seq.prompt) and not generates:
+                prefill_only.append(seq)
         if n == 0:
             return
         if active:
@@ -480,6 +508,11 @@ class Scheduler:
             return
         events: list[tuple[Sequence, Event]] = []
         finished: list[Sequence] = []
+        if score_at:
+            events += self._score(score_at)
+        for seq in prefill_only:
+            events.append((seq, Token(-1, "length")))
+            finished.append(seq)
         for seq, idx in sample_at:
             assert seq.sampler is not None
             sampled = seq.sampler.sample(self._ctx, idx)
@@ -515,6 +548,17 @@ class Scheduler:
             return next(iter(groups.values()), [])
         key = min(groups, key=lambda k: self._turns.get(k, -1))
         return groups[key]
+
+    def _score(self, score_at: list[tuple[Sequence, int, int]]) -> list[tuple[Sequence, Event]]:
+        """Score this step's prompt positions; a prompt's scores are posted once all of it is prefilled."""
+        events: list[tuple[Sequence, Event]] = []
+        for seq, idx, token in score_at:
+            seq.prompt_scores += score_rows(self._ctx, [(idx, token)], self._n_vocab, seq.prompt_logprobs or 0)
+        for seq in dict.fromkeys(s for s, _, _ in score_at):
+            if seq.prefilled == len(seq.prompt):
+                events.append((seq, PromptScores(seq.prompt_scores)))
+                seq.prompt_scores = []
+        return events
 
     def _fail_batch(self, sample_at: list[tuple[Sequence, int]], rc: int) -> None:
         log.error("llama_decode failed with status %d; failing the %d sequences in the batch", rc, len(sample_at))

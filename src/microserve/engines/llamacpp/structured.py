@@ -18,6 +18,7 @@ from typing import Any
 from llama_cpp.llama_grammar import RESERVED_NAMES, SchemaConverter
 
 from microserve.engines.base import Guide
+from microserve.engines.llamacpp.gbnf_analysis import GrammarSyntax, unending_rules
 from microserve.engines.llamacpp.regex_grammar import RegexError, gbnf_literal, regex_to_gbnf
 from microserve.errors import InvalidRequest
 
@@ -340,6 +341,7 @@ class GrammarBuilder:
             return cached
         try:
             grammar = _build(guide)
+            _check_finite(grammar, guide)
         except SchemaError as exc:
             if exc.param is None:
                 exc.param = guide.param
@@ -351,6 +353,26 @@ class GrammarBuilder:
             while len(self._cache) > self._capacity:
                 self._cache.popitem(last=False)
         return grammar
+
+
+_NEVER_ENDS = {
+    "grammar": "the grammar can never be completed: rule `{rule}` has no finite expansion (each way through it "
+    "recurses without end)",
+    "json": "the JSON schema admits no finite value: a required property refers back to its own schema without end",
+    "tool_calls": "the tool parameters admit no finite value: a required property refers back to its own schema "
+    "without end",
+}
+
+
+def _check_finite(grammar: str, guide: Guide) -> None:
+    """Refuse a grammar without any finite sentence: it would hold a slot, token by token, until max_tokens."""
+    try:
+        stuck = unending_rules(grammar)
+    except GrammarSyntax:
+        return  # llama.cpp's parser reports what is wrong with it
+    if stuck:
+        template = _NEVER_ENDS.get(guide.kind, _NEVER_ENDS["grammar"])
+        raise SchemaError(template.format(rule=stuck[0]), param=guide.param, code="grammar_never_ends")
 
 
 def _build(guide: Guide) -> str:

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request
 
 from microserve import __version__
 from microserve.engines.registry import engine_spec
-from microserve.protocol.metadata import AdapterInfo, Metadata, ModelInfo, Version
+from microserve.protocol.metadata import AdapterInfo, CpuInfo, Metadata, ModelInfo, Version
 from microserve.server.adapters import AdapterManager
 from microserve.services.models import ModelTable
 
@@ -20,7 +20,8 @@ def _engines(models: ModelTable) -> dict[str, str | None]:
 
 @router.get("/v1/metadata", response_model=Metadata, response_model_by_alias=True)
 async def metadata(request: Request) -> Metadata:
-    """The served models with their task, profile, engine and source, and the engine library versions."""
+    """The served models with their task, profile, engine and source, the engine library versions, and the CPUs
+    the service may use."""
     models: ModelTable = request.app.state.models
     manager: AdapterManager = request.app.state.adapters
     adapters = [
@@ -34,6 +35,7 @@ async def metadata(request: Request) -> Metadata:
         )
         for a in manager.served()
     ]
+    machine = request.app.state.plan.hardware
     return Metadata(
         version=__version__,
         model_info=[
@@ -42,6 +44,9 @@ async def metadata(request: Request) -> Metadata:
         ],
         engines=_engines(models),
         adapters=adapters,
+        cpu=CpuInfo(
+            logical_cores=machine.logical_cores, usable_cores=machine.usable_cores, cpu_quota=machine.cpu_quota
+        ),
     )
 
 
