@@ -45,8 +45,14 @@ CHECKS = [
 @pytest.fixture(scope="module")
 def fuzzed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     # Small completion budget: generated requests may ask for anything, the server bounds the work.
+    tmp = Path(tmp_path_factory.mktemp("fuzz"))
+    # The fine-tuning routes are on by default; what the fuzzer uploads stays in this test's directory.
     server = start_server(
-        Path(tmp_path_factory.mktemp("fuzz")),
+        tmp,
+        "--fine-tuning-dir",
+        str(tmp / "fine_tuning"),
+        "--lora-dir",
+        str(tmp / "loras"),
         "--parallel",
         "2",
         "--max-tokens-limit",

@@ -26,6 +26,7 @@ from microserve.errors import InvalidRequest
 from microserve.finetune.jobs import FineTuningJobs, NotFound
 from microserve.finetune.jobstore import JobRow
 from microserve.protocol.customization import (
+    ConfigRef,
     CreateCustomizationRequest,
     CustomizationJob,
     CustomizationJobPage,
@@ -59,13 +60,10 @@ def _iso(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, UTC).isoformat()
 
 
-def base_model_of(config: str | dict[str, Any]) -> str:
+def base_model_of(config: str | ConfigRef) -> str:
     """The base model a NeMo ``config`` names."""
-    if isinstance(config, dict):
-        named = config.get("base_model") or config.get("name")
-        if not isinstance(named, str) or not named:
-            raise InvalidRequest("config must name the base model (`base_model` or `name`)", param="config")
-        config = named
+    if isinstance(config, ConfigRef):
+        config = config.base_model or config.name
     return config.split("@", 1)[0].strip()
 
 
@@ -134,6 +132,7 @@ class Customizations:
                 ),
                 seed=hyper.seed,
                 suffix=None,
+                metadata=None,
             ),
             overrides=overrides,
             name=request.output_model,

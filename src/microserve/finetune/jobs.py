@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -235,7 +236,18 @@ class JobRunner:
             ):
                 self.store.add_event(job.id, f"Job failed: {reason}", level="error")
                 failed.append(job.id)
+                self._remove_leftovers(job)
         return failed
+
+    def _remove_leftovers(self, job: JobRow) -> None:
+        # A worker killed outright leaves its half-written adapter (a hidden staging directory beside the adapters)
+        # and its checkpoints; a failed job is never resumed, so neither is of use.
+        name = str((job.config or {}).get("name") or job.fine_tuned_model or "")
+        if not name:
+            return
+        for staging in self.lora_dir.glob(f".{name}.staging-*"):
+            shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(self.cache_dir / "tune" / name, ignore_errors=True)  # pipeline.work_dir_for
 
     def start(self) -> None:
         """Recover, then start the thread that runs queued jobs."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import secrets
 import sqlite3
 import time
@@ -96,6 +97,10 @@ class FileTooLarge(Exception):
 def owner_of(api_key: str | None) -> str | None:
     """The owner recorded for requests made with ``api_key`` (hex sha256), None without keys."""
     return hashlib.sha256(api_key.encode("utf-8")).hexdigest() if api_key else None
+
+
+# The ids new_id makes for files: the only names under the files directory.
+FILE_ID = re.compile(r"file-[0-9a-f]{24}")
 
 
 def new_id(prefix: str, sep: str = "-") -> str:
@@ -190,7 +195,10 @@ class JobStore:
     # -- files ------------------------------------------------------------------------------------------------
 
     def file_path(self, file_id: str) -> Path:
-        """Where a file's bytes are kept."""
+        """Where a file's bytes are kept; ``ValueError`` for anything but an id this store makes, so that no id a
+        client sends names a path outside the files directory."""
+        if not FILE_ID.fullmatch(file_id):
+            raise ValueError(f"not a file id: {file_id!r}")
         return self.files_dir / file_id
 
     def add_file(

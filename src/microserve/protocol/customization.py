@@ -3,17 +3,18 @@ meaning; the knobs NeMo's trainer has and microserve's has not are accepted and 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from microserve.protocol.common import WireModel
+from microserve.protocol.common import Integral, WireModel
+from microserve.protocol.fine_tuning import BatchSize, Epochs, Seed
 
 CustomizationStatus = Literal["created", "pending", "running", "completed", "cancelled", "failed"]
 
 
 class LoraParameters(WireModel):
-    adapter_dim: int | None = Field(None, ge=1, le=256)
+    adapter_dim: Annotated[int, Field(ge=1, le=256), Integral] | None = None
     alpha: float | None = Field(None, gt=0)
     adapter_dropout: float | None = Field(None, ge=0, lt=1)
     target_modules: list[str] | None = None
@@ -22,15 +23,16 @@ class LoraParameters(WireModel):
 class CustomizationHyperparameters(BaseModel):
     """``hyperparameters``: unknown keys (``sft``, ``log_every_n_steps``, ``val_check_interval`` ...) are kept."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
-    finetuning_type: str = "lora"
-    training_type: str = "sft"
-    epochs: int | None = Field(None, ge=1, le=50)
-    batch_size: int | None = Field(None, ge=1, le=256)
-    learning_rate: float | None = Field(None, gt=0, le=1)
+    # microserve trains LoRA adapters with supervised fine-tuning, NeMo's `lora` and `sft`.
+    finetuning_type: Literal["lora"] = "lora"
+    training_type: Literal["sft"] = "sft"
+    epochs: Epochs | None = None
+    batch_size: BatchSize | None = None
+    learning_rate: float | None = Field(None, gt=0, le=0.01)
     weight_decay: float | None = Field(None, ge=0)
-    seed: int | None = Field(None, ge=0, le=2147483647)
+    seed: Seed | None = None
     lora: LoraParameters | None = None
 
 
@@ -39,8 +41,15 @@ class DatasetRef(WireModel):
     namespace: str | None = None
 
 
+class ConfigRef(WireModel):
+    """A ``config`` given as an object: ``base_model`` names the model (else ``name`` does)."""
+
+    name: str
+    base_model: str | None = None
+
+
 class CreateCustomizationRequest(WireModel):
-    config: str | dict[str, Any]
+    config: str | ConfigRef
     dataset: str | DatasetRef
     hyperparameters: CustomizationHyperparameters
     output_model: str | None = None

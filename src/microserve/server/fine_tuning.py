@@ -17,7 +17,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from microserve.errors import InvalidRequest
 from microserve.finetune.customization import Customizations
 from microserve.finetune.extra import missing_extra
-from microserve.finetune.jobs import FineTuningJobs, JobRunner
+from microserve.finetune.jobs import FineTuningJobs, JobRunner, NotFound
 from microserve.finetune.jobstore import JobRow, JobStore
 from microserve.hardware import usable_cores
 from microserve.server.adapters import AdapterManager
@@ -59,12 +59,17 @@ class FineTuning:
     # -- which models -----------------------------------------------------------------------------------------
 
     def tunable(self, model: str) -> str | None:
-        """Why ``model`` cannot be fine-tuned here, or None when it can."""
+        """Why ``model`` cannot be fine-tuned here, or None when it can; a 404 when no served model has that name."""
         if not self.adapters.enabled:
             return "no served model takes LoRA adapters, so none can be fine-tuned here"
         if self.adapters.base_model(model) is None:
             names = ", ".join(b.name for b in self.adapters.base_models())
-            return f"The model `{model}` cannot be fine-tuned here; fine-tune a served base model: {names}"
+            raise NotFound(
+                f"The model `{model}` does not exist or cannot be fine-tuned here; fine-tune a served base model: "
+                f"{names}",
+                param="model",
+                code="model_not_found",
+            )
         return missing_extra("fine-tuning")
 
     def base_of(self, model: str) -> str:

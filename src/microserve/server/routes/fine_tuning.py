@@ -35,7 +35,27 @@ def _jobs(request: Request) -> FineTuningJobs:
     return jobs
 
 
-@router.post(FILES_PATH, response_model=FileObject)
+# The multipart form, documented by hand: the route reads it as a stream (the file may be large), not as a model.
+_UPLOAD_FORM: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file", "purpose"],
+                    "properties": {
+                        "file": {"type": "string", "format": "binary", "description": "The JSONL file."},
+                        "purpose": {"type": "string", "enum": ["fine-tune"]},
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+@router.post(FILES_PATH, response_model=FileObject, openapi_extra=_UPLOAD_FORM)
 async def create_file(request: Request) -> FileObject:
     """Upload a file (multipart: ``file`` and ``purpose=fine-tune``)."""
     jobs = _jobs(request)
