@@ -236,15 +236,18 @@ def test_bad_adapters_are_refused_with_their_reason_and_the_others_serve(
     outside = tmp_path / "outside"
     write_gguf_lora(outside)
     (lora_dir / "escape").symlink_to(outside)
-    for body in (
-        {"lora_name": "../alpha"},
-        {"lora_name": "ok", "lora_path": "../../etc"},
-        {"lora_name": "ok", "lora_path": str(outside)},
-        {"lora_name": "ok", "lora_path": "escape"},
-        {"lora_name": "ok", "lora_path": "alpha\u0000"},
+    # A name that is no plain file name is a bad request; a path outside the directory is refused (403); a path
+    # no file can have (NUL) holds no adapter (404, as a missing one).
+    for body, status in (
+        ({"lora_name": "../alpha"}, 400),
+        ({"lora_name": "ok", "lora_path": "../../etc"}, 403),
+        ({"lora_name": "ok", "lora_path": str(outside)}, 403),
+        ({"lora_name": "ok", "lora_path": "escape"}, 403),
+        ({"lora_name": "ok", "lora_path": "alpha\u0000"}, 404),
+        ({"lora_name": "ok", "lora_path": "nothing-here"}, 404),
     ):
         reply = httpx.post(f"{server.v1}/load_lora_adapter", json=body)
-        assert reply.status_code == 400, (body, reply.text)
+        assert reply.status_code == status, (body, reply.text)
     assert complete(server, "alpha", PROMPTS[0])["model"] == "alpha"
     for name in ("corrupt", "wronghead", "toowide", "escape"):
         path = lora_dir / name
@@ -269,7 +272,7 @@ def test_load_and_unload_routes_need_the_key(lora_dir: Path, tmp_path_factory: p
         body = {"lora_name": "delta", "lora_path": str(root / "delta")}
         assert httpx.post(f"{server.v1}/load_lora_adapter", json=body).status_code == 401
         # The path must lie inside the adapter directory, even with the key.
-        assert httpx.post(f"{server.v1}/load_lora_adapter", json=body, headers=key).status_code == 400
+        assert httpx.post(f"{server.v1}/load_lora_adapter", json=body, headers=key).status_code == 403
         (root / "none-yet").mkdir()
         shutil.copytree(root / "delta", root / "none-yet" / "delta")
         loaded = httpx.post(f"{server.v1}/load_lora_adapter", json={"lora_name": "delta"}, headers=key)

@@ -47,16 +47,24 @@ def check_name(name: str) -> str:
     return name
 
 
+class AdapterMissing(AdapterError):
+    """Nothing is at the adapter's path."""
+
+
+class AdapterOutside(AdapterError):
+    """The adapter's path lies outside the adapter directory."""
+
+
 def inside(root: Path, candidate: Path | str) -> Path:
     """``candidate`` (relative to ``root``, or absolute) resolved, if it stays inside ``root``; else AdapterError."""
     text = str(candidate)
-    if "\0" in text:
-        raise AdapterError("an adapter path may not contain NUL characters")
+    if "\0" in text:  # no file has such a name
+        raise AdapterMissing("an adapter path may not contain NUL characters")
     base = root.resolve()
     path = Path(text)
     resolved = (path if path.is_absolute() else base / path).resolve()
     if resolved != base and base not in resolved.parents:
-        raise AdapterError(f"the adapter path `{text:.200}` is outside the adapter directory {base}")
+        raise AdapterOutside(f"the adapter path `{text:.200}` is outside the adapter directory {base}")
     return resolved
 
 
@@ -79,7 +87,7 @@ def find_adapter(root: Path, name: str, path: Path | str | None = None) -> Adapt
             raise AdapterError(f"{where.name} is not a GGUF LoRA file (.gguf) nor a PEFT adapter directory")
         return AdapterSource(name, where, "gguf", where)
     if not where.is_dir():
-        raise AdapterError(f"no adapter at {where}")
+        raise AdapterMissing(f"no adapter at {where}")
     # A GGUF LoRA is served as it is; beside a PEFT adapter (as `microserve tune` writes both) it wins, since
     # converting the PEFT files again would give the same file.
     ggufs = sorted(where.glob("*.gguf"))

@@ -8,7 +8,8 @@ from microserve.protocol.common import WireModel
 
 
 class LoadLoraAdapterRequest(WireModel):
-    lora_name: str = Field(min_length=1, max_length=128)
+    # An adapter's name is a plain file name (catalog.adapters.check_name).
+    lora_name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
     # Inside the adapter directory (relative to it, or absolute); default: its sub-directory named lora_name.
     lora_path: str | None = Field(None, min_length=1, max_length=4096)
 

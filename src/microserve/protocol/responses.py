@@ -3,11 +3,11 @@ semantic events of a streamed response."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field
 
-from microserve.protocol.common import WireModel
+from microserve.protocol.common import Integral, WireModel
 
 # -- request ------------------------------------------------------------------------------------------------------
 
@@ -100,7 +100,7 @@ class ResponseRequest(WireModel):
     previous_response_id: str | None = None
     store: bool = True
     stream: bool = False
-    max_output_tokens: int | None = Field(None, ge=1)
+    max_output_tokens: Annotated[int, Field(ge=1), Integral] | None = None
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     text: TextConfig | None = None

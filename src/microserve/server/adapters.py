@@ -15,7 +15,16 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from microserve.catalog.adapters import AdapterSource, PreparedAdapter, find_adapter, fingerprint, prepare, scan
+from microserve.catalog.adapters import (
+    AdapterMissing,
+    AdapterOutside,
+    AdapterSource,
+    PreparedAdapter,
+    find_adapter,
+    fingerprint,
+    prepare,
+    scan,
+)
 from microserve.catalog.manifest import catalog
 from microserve.catalog.peft_gguf import AdapterError
 from microserve.catalog.plan import ServicePlan
@@ -27,6 +36,21 @@ from microserve.services.models import ModelTable, ServedModel
 from microserve.settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+class NotFound(ServiceError):
+    """No adapter at the path a load names (404)."""
+
+    status_code = 404
+    error_type = "invalid_request_error"
+
+
+class Forbidden(ServiceError):
+    """A load names a path outside the adapter directory (403)."""
+
+    status_code = 403
+    error_type = "invalid_request_error"
+
 
 # Wraps a base model's engine for one adapter name (per-adapter metrics), as the app wraps every engine.
 EngineView = Callable[[ServedModel, str], TextEngine]
@@ -119,6 +143,10 @@ class AdapterManager:
         async with self._lock:
             try:
                 source = find_adapter(self.root, name, path)
+            except AdapterMissing as exc:  # as vLLM answers a path with no adapter
+                raise NotFound(str(exc), param="lora_path", code="adapter_not_found") from None
+            except AdapterOutside as exc:
+                raise Forbidden(str(exc), param="lora_path", code="outside_adapter_directory") from None
             except AdapterError as exc:
                 raise InvalidRequest(str(exc), param="lora_path", code="invalid_adapter") from None
             if name in self._served:

@@ -5,17 +5,25 @@ Both sit behind the API key like every model route. Their success bodies are pla
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse
 
 from microserve.protocol.adapters import LoadLoraAdapterRequest, UnloadLoraAdapterRequest
+from microserve.protocol.common import ErrorResponse
 from microserve.server.adapters import AdapterManager
 from microserve.server.routes import ERRORS
 
 router = APIRouter(tags=["adapters"], responses=ERRORS)
+# The success body is text; the errors are JSON like every route's (a text response class would document them as
+# text too).
+_TEXT: dict[int | str, dict[str, Any]] = {
+    200: {"description": "Success", "content": {"text/plain": {"schema": {"type": "string"}}}},
+}
 
 
-@router.post("/v1/load_lora_adapter", response_class=PlainTextResponse)
+@router.post("/v1/load_lora_adapter", responses={**_TEXT, 403: {"model": ErrorResponse}})
 async def load_lora_adapter(body: LoadLoraAdapterRequest, request: Request) -> PlainTextResponse:
     """Serve a LoRA adapter from the adapter directory under ``lora_name``."""
     manager: AdapterManager = request.app.state.adapters
@@ -23,7 +31,7 @@ async def load_lora_adapter(body: LoadLoraAdapterRequest, request: Request) -> P
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
 
-@router.post("/v1/unload_lora_adapter", response_class=PlainTextResponse)
+@router.post("/v1/unload_lora_adapter", responses=_TEXT)
 async def unload_lora_adapter(body: UnloadLoraAdapterRequest, request: Request) -> PlainTextResponse:
     """Stop serving an adapter; requests already running on it finish first."""
     manager: AdapterManager = request.app.state.adapters
