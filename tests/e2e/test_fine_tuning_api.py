@@ -184,6 +184,24 @@ def test_files_errors_and_bad_data_fail_the_job_listing_each_line(server: Server
     assert not any(e.type == "metrics" for e in api.fine_tuning.jobs.list_events(job.id, limit=100).data)
     loras = state / "loras"
     assert not loras.exists() or not any(loras.iterdir())
+    # NeMo Customizer's routes make the same jobs.
+    nemo = f"{server.v1}/customization/jobs"
+    body = {
+        "config": f"{MODEL}@v1",
+        "dataset": {"name": "bad.jsonl", "namespace": "default"},
+        "hyperparameters": {"epochs": 1, "batch_size": 2, "lora": {"adapter_dim": 8}},
+        "output_model": "nemo-bad",
+    }
+    created = httpx.post(nemo, json=body, headers=headers)
+    assert created.status_code == 200 and created.json()["status"] == "created", created.text
+    nemo_id = created.json()["id"]
+    assert wait_status(api, nemo_id, *TERMINAL, timeout=300) == "failed"
+    shown = httpx.get(f"{nemo}/{nemo_id}", headers=headers).json()
+    assert shown["status"] == "failed" and shown["output_model"] == "nemo-bad", shown
+    logs = httpx.get(f"{nemo}/{nemo_id}/status", headers=headers).json()["status_logs"]
+    assert any("line 3: no assistant message" in (log.get("detail") or log["message"]) for log in logs), logs
+    missing = httpx.post(nemo, json={**body, "dataset": "no-such.jsonl"}, headers=headers)
+    assert missing.status_code == 404 and missing.json()["error"]["param"] == "dataset", missing.text
     # The file is gone once deleted, and so are its bytes.
     deleted = api.files.delete(bad.id)
     assert (deleted.id, deleted.deleted) == (bad.id, True)
