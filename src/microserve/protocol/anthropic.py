@@ -3,11 +3,11 @@ events, and Anthropic's error body."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field
 
-from microserve.protocol.common import WireModel
+from microserve.protocol.common import Integral, WireModel
 
 
 class TextBlock(WireModel):
@@ -64,7 +64,7 @@ class AnthropicToolChoice(WireModel):
 
 class CountTokensRequest(WireModel):
     model: str
-    messages: list[AnthropicMessage]
+    messages: list[AnthropicMessage] = Field(min_length=1)
     system: str | list[TextBlock] | None = None
     tools: list[AnthropicTool] | None = None
     tool_choice: AnthropicToolChoice | None = None
@@ -72,12 +72,12 @@ class CountTokensRequest(WireModel):
 
 
 class MessagesRequest(CountTokensRequest):
-    max_tokens: int = Field(ge=1)
+    max_tokens: Annotated[int, Field(ge=1), Integral]
     stop_sequences: list[str] | None = None
     stream: bool = False
     temperature: float | None = Field(None, ge=0.0, le=1.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=0)
+    top_k: Annotated[int, Field(ge=0), Integral] | None = None
     metadata: dict[str, Any] | None = None
     service_tier: str | None = None
 

@@ -17,7 +17,7 @@ from microserve.protocol.common import MAX_STOP_SEQUENCES
 from microserve.services.limits import RequestLimits
 
 # The request bodies that carry SamplingFields, by the schema names FastAPI gives them.
-_GENERATION_REQUESTS = ("ChatCompletionRequest", "CompletionRequest")
+_GENERATION_REQUESTS = ("ChatCompletionRequest", "CompletionRequest", "MessagesRequest")
 _STREAMED_ROUTES = ("/v1/chat/completions", "/v1/completions")
 _EVENT_STREAM = {
     "schema": {"type": "string", "description": "Server-sent events: `data: {chunk}` lines, then `data: [DONE]`."}
@@ -54,6 +54,10 @@ def apply_limits(schema: dict[str, Any], limits: RequestLimits) -> dict[str, Any
         _cap(props.get("stop"), "array", maxItems=stops)
         _cap(props.get("stop"), "string", maxLength=limits.max_stop_length)
         for branch in _branches(props.get("stop", {})):
+            if branch.get("type") == "array":
+                _cap(branch.get("items"), "string", maxLength=limits.max_stop_length)
+        _cap(props.get("stop_sequences"), "array", maxItems=limits.max_stop_sequences)  # Anthropic's stop
+        for branch in _branches(props.get("stop_sequences", {})):
             if branch.get("type") == "array":
                 _cap(branch.get("items"), "string", maxLength=limits.max_stop_length)
         if "messages" in props:

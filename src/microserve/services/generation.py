@@ -148,6 +148,10 @@ class GenerationService:
         self._models = models
         self._limits = limits or RequestLimits()
 
+    def text_model(self, name: str) -> ServedModel:
+        """The served text model called ``name``; a 404 when there is none."""
+        return self._models.text(name)
+
     def _model(
         self, name: str, request: SamplingFields, *, messages: int | None = None, requested: int | None
     ) -> ServedModel:

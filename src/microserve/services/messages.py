@@ -219,12 +219,14 @@ class MessagesService:
 
     async def prepare(self, request: MessagesRequest) -> PreparedMessage:
         """Validate and render as chat does; raises a ServiceError for anything the client must fix."""
+        self._chat.text_model(request.model)  # an unknown model is a 404 before the turns are checked
         prepared = await self._chat.prepare(chat_request(request))
         prepared.include_usage = True
         return PreparedMessage(id=f"msg_{uuid.uuid4().hex[:24]}", chat=prepared)
 
     def count(self, request: CountTokensRequest) -> TokenCount:
         """Tokens of the rendered prompt, tools included."""
+        self._chat.text_model(request.model)
         return TokenCount(input_tokens=len(self._chat.prompt_tokens(chat_request(request))))
 
     async def complete(self, prepared: PreparedMessage) -> MessageResponse:

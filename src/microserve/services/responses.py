@@ -270,6 +270,7 @@ class ResponsesService:
         """The chat request this response runs as, validated as chat validates; raises a ServiceError for anything
         the client must fix."""
         history: list[dict[str, Any]] = []
+        self._chat.text_model(request.model)  # an unknown model is a 404 before anything else is looked up
         if request.previous_response_id is not None:
             previous = self.store.get(request.previous_response_id)
             if previous is None:
