@@ -236,18 +236,18 @@ def test_bad_adapters_are_refused_with_their_reason_and_the_others_serve(
     outside = tmp_path / "outside"
     write_gguf_lora(outside)
     (lora_dir / "escape").symlink_to(outside)
-    # A name that is no plain file name is a bad request; a path outside the directory is refused (403); a path
-    # no file can have (NUL) holds no adapter (404, as a missing one).
+    # A name that is not a plain file name, or a path with NUL, is a 400; a path that leaves the directory a 403.
     for body, status in (
         ({"lora_name": "../alpha"}, 400),
+        ({"lora_name": "ok", "lora_path": "alpha\u0000"}, 400),
         ({"lora_name": "ok", "lora_path": "../../etc"}, 403),
         ({"lora_name": "ok", "lora_path": str(outside)}, 403),
         ({"lora_name": "ok", "lora_path": "escape"}, 403),
-        ({"lora_name": "ok", "lora_path": "alpha\u0000"}, 404),
-        ({"lora_name": "ok", "lora_path": "nothing-here"}, 404),
     ):
         reply = httpx.post(f"{server.v1}/load_lora_adapter", json=body)
         assert reply.status_code == status, (body, reply.text)
+    missing = httpx.post(f"{server.v1}/load_lora_adapter", json={"lora_name": "nothing-here"})
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "adapter_not_found", missing.text
     assert complete(server, "alpha", PROMPTS[0])["model"] == "alpha"
     for name in ("corrupt", "wronghead", "toowide", "escape"):
         path = lora_dir / name

@@ -89,10 +89,10 @@ def test_jobs_run_in_a_niced_worker_succeed_and_cancel(tmp_path: Path) -> None:
         name = store.job(second.id, OWNER).config["name"]  # type: ignore[union-attr]
         assert not (lora_dir / name).exists()
         assert not (Settings().cache_dir / "tune" / name).exists()
-        # The worker records the cancellation before it exits; the runner frees its slot once it has exited.
-        deadline = time.monotonic() + 60
+        # The runner lets go of the job once its worker has exited, a moment after the status is written.
+        deadline = time.monotonic() + 30
         while runner.running_job == second.id:
-            assert time.monotonic() < deadline, "the runner still holds the cancelled job"
-            time.sleep(0.2)
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
     finally:
         runner.stop()

@@ -23,6 +23,8 @@ from typing import Literal
 
 from microserve.catalog.peft_gguf import (
     AdapterError,
+    AdapterMissing,
+    AdapterOutside,
     BaseFacts,
     LoraInfo,
     OutType,
@@ -47,19 +49,11 @@ def check_name(name: str) -> str:
     return name
 
 
-class AdapterMissing(AdapterError):
-    """Nothing is at the adapter's path."""
-
-
-class AdapterOutside(AdapterError):
-    """The adapter's path lies outside the adapter directory."""
-
-
 def inside(root: Path, candidate: Path | str) -> Path:
     """``candidate`` (relative to ``root``, or absolute) resolved, if it stays inside ``root``; else AdapterError."""
     text = str(candidate)
-    if "\0" in text:  # no file has such a name
-        raise AdapterMissing("an adapter path may not contain NUL characters")
+    if "\0" in text:
+        raise AdapterError("an adapter path may not contain NUL characters")
     base = root.resolve()
     path = Path(text)
     resolved = (path if path.is_absolute() else base / path).resolve()

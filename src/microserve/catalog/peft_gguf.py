@@ -58,6 +58,14 @@ class AdapterError(CatalogError):
     """An adapter cannot be converted or served; the message says why, for that adapter alone."""
 
 
+class AdapterMissing(AdapterError):
+    """Nothing is at the path an adapter was asked from."""
+
+
+class AdapterOutside(AdapterError):
+    """An adapter path that leaves the adapter directory."""
+
+
 @dataclass(frozen=True, slots=True)
 class BaseFacts:
     """What the conversion and the checks need to know of the base model."""

@@ -64,7 +64,8 @@ class AnthropicToolChoice(WireModel):
 
 class CountTokensRequest(WireModel):
     model: str
-    messages: list[AnthropicMessage] = Field(min_length=1)
+    # Anthropic's API refuses an empty list: at least one message is required.
+    messages: Annotated[list[AnthropicMessage], Field(min_length=1)]
     system: str | list[TextBlock] | None = None
     tools: list[AnthropicTool] | None = None
     tool_choice: AnthropicToolChoice | None = None

@@ -6,18 +6,19 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
-from microserve.protocol.common import FinishReason, Integral, Reply, SamplingFields, Usage, omitted_if_none
+from microserve.protocol.common import FinishReason, Integral, JsonInt, Reply, SamplingFields, Usage, omitted_if_none
 
 PromptText = Annotated[str, Field(min_length=1)]
 DEFAULT_MAX_TOKENS = 16  # OpenAI's
 
-TokenIds = Annotated[list[Annotated[int, Field(ge=0), Integral]], Field(min_length=1)]
 # A prompt: text, texts, token ids, or lists of token ids (one prompt each), as OpenAI's legacy API takes them.
+# Token ids are checked against the model's vocabulary once the model is known, each list by its index
+# (services/completions.py), so the schema leaves their values and the inner lists' lengths open.
 Prompt = (
     PromptText
     | Annotated[list[PromptText], Field(min_length=1)]
-    | TokenIds
-    | Annotated[list[TokenIds], Field(min_length=1)]
+    | Annotated[list[JsonInt], Field(min_length=1)]
+    | Annotated[list[list[JsonInt]], Field(min_length=1)]
 )
 
 

@@ -113,7 +113,7 @@ class ResponseRequest(WireModel):
     reasoning: dict[str, Any] | None = None
     include: list[str] | None = None
     background: bool | None = None
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: Annotated[int, Field(ge=0, le=20), Integral] | None = None
 
 
 # -- response -----------------------------------------------------------------------------------------------------

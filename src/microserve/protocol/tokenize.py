@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from microserve.protocol.chat import ChatMessage
-from microserve.protocol.common import WireModel
+from microserve.protocol.common import JsonInt, WireModel
 
 
 class TokenizeRequest(WireModel):
     """Text (``prompt``) or chat ``messages`` rendered by the model's template; one of the two."""
+
+    # The schema says "exactly one of the two" as the service checks it (a null counts as not given).
+    model_config = ConfigDict(
+        json_schema_extra={
+            "oneOf": [
+                {"required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
+                {"required": ["messages"], "properties": {"messages": {"type": "array"}}},
+            ]
+        }
+    )
 
     model: str | None = None
     prompt: str | None = None
@@ -28,7 +38,7 @@ class TokenizeResponse(BaseModel):
 
 class DetokenizeRequest(WireModel):
     model: str | None = None
-    tokens: list[int]
+    tokens: list[JsonInt]
 
 
 class DetokenizeResponse(BaseModel):

@@ -15,42 +15,18 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from microserve.catalog.adapters import (
-    AdapterMissing,
-    AdapterOutside,
-    AdapterSource,
-    PreparedAdapter,
-    find_adapter,
-    fingerprint,
-    prepare,
-    scan,
-)
+from microserve.catalog.adapters import AdapterSource, PreparedAdapter, find_adapter, fingerprint, prepare, scan
 from microserve.catalog.manifest import catalog
-from microserve.catalog.peft_gguf import AdapterError
+from microserve.catalog.peft_gguf import AdapterError, AdapterMissing, AdapterOutside
 from microserve.catalog.plan import ServicePlan
 from microserve.catalog.resolve import ResolvedModel
 from microserve.engines.base import TextEngine
 from microserve.engines.registry import engine_spec
-from microserve.errors import InvalidRequest, ModelNotFound, ServiceError
+from microserve.errors import Forbidden, InvalidRequest, ModelNotFound, NotFound, ServiceError
 from microserve.services.models import ModelTable, ServedModel
 from microserve.settings import Settings
 
 log = logging.getLogger(__name__)
-
-
-class NotFound(ServiceError):
-    """No adapter at the path a load names (404)."""
-
-    status_code = 404
-    error_type = "invalid_request_error"
-
-
-class Forbidden(ServiceError):
-    """A load names a path outside the adapter directory (403)."""
-
-    status_code = 403
-    error_type = "invalid_request_error"
-
 
 # Wraps a base model's engine for one adapter name (per-adapter metrics), as the app wraps every engine.
 EngineView = Callable[[ServedModel, str], TextEngine]
@@ -136,17 +112,17 @@ class AdapterManager:
 
     async def load(self, name: str, path: str | None, *, origin: str = "api") -> ServedAdapter:
         """Serve the adapter ``name`` from ``path`` (inside the adapter directory; default: its sub-directory
-        ``name``); a 400 naming the reason when it cannot be. ``origin="directory"`` serves it as if a rescan had
-        found it (a later rescan retires it when its sub-directory goes), as for an adapter a fine-tuning job
-        wrote."""
+        ``name``); a 400 naming the reason when it cannot be, a 404 when nothing is there, a 403 for a path
+        outside the adapter directory. ``origin="directory"`` serves it as if a rescan had found it (a later rescan
+        retires it when its sub-directory goes), as for an adapter a fine-tuning job wrote."""
         self._require()
         async with self._lock:
             try:
                 source = find_adapter(self.root, name, path)
-            except AdapterMissing as exc:  # as vLLM answers a path with no adapter
-                raise NotFound(str(exc), param="lora_path", code="adapter_not_found") from None
             except AdapterOutside as exc:
-                raise Forbidden(str(exc), param="lora_path", code="outside_adapter_directory") from None
+                raise Forbidden(str(exc), param="lora_path", code="path_outside_adapter_dir") from None
+            except AdapterMissing as exc:
+                raise NotFound(str(exc), param="lora_path", code="adapter_not_found") from None
             except AdapterError as exc:
                 raise InvalidRequest(str(exc), param="lora_path", code="invalid_adapter") from None
             if name in self._served:

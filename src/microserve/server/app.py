@@ -184,7 +184,14 @@ def build_app(
     app.state.tracing = tracing
     app.state.drain = drain
     install_error_handlers(app)
-    install_openapi(app, limits)
+
+    def smallest_vocabulary() -> int | None:
+        texts = [m for m in models if not m.encodes and m.adapter is None]
+        if not texts or not all(m.engine.ready for m in texts):
+            return None
+        return min(m.text_engine.info.vocab_size for m in texts)
+
+    install_openapi(app, limits, smallest_vocabulary)
 
     def count_response(scope: Scope, status: int) -> None:
         metrics.count_response(scope["method"], route_label(scope), status)

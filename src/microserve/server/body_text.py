@@ -59,7 +59,9 @@ class BodyTextMiddleware:
                 break
         problem = text_problem(b"".join(m.get("body", b"") for m in messages if m["type"] == "http.request"))
         if problem is not None:
-            await send_error(send, 400, f"the request body is not valid JSON: {problem}", code="invalid_json")
+            await send_error(
+                send, 400, f"the request body is not valid JSON: {problem}", code="invalid_json", path=scope["path"]
+            )
             return
 
         async def replay() -> Message:

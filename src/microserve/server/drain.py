@@ -112,6 +112,7 @@ class DrainMiddleware:
                 "The server is shutting down and takes no new requests.",
                 headers={"Connection": "close", "Retry-After": "1"},
                 code="shutting_down",
+                path=scope["path"],
             )
             return
         entry = InFlight(asyncio.current_task())
@@ -131,7 +132,9 @@ class DrainMiddleware:
             if not was_cut(entry):
                 raise
             if not started:
-                await send_error(send, 503, CUT_MESSAGE, headers={"Connection": "close"}, code="shutting_down")
+                await send_error(
+                    send, 503, CUT_MESSAGE, headers={"Connection": "close"}, code="shutting_down", path=scope["path"]
+                )
         finally:
             self.state.requests.discard(entry)
             _current.reset(token)

@@ -32,8 +32,14 @@ class BodyLimitMiddleware:
         self.max_bytes = max_bytes
         self.streamed = dict(streamed or {})
 
-    async def _too_large(self, send: Send, limit: int) -> None:
-        await send_error(send, 413, f"The request body exceeds the limit of {limit} bytes.", code="request_too_large")
+    async def _too_large(self, send: Send, limit: int, path: str) -> None:
+        await send_error(
+            send,
+            413,
+            f"The request body exceeds the limit of {limit} bytes.",
+            code="request_too_large",
+            path=path,
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS", "DELETE"):
@@ -47,7 +53,7 @@ class BodyLimitMiddleware:
                 except ValueError:
                     declared = -1
                 if declared > limit:
-                    await self._too_large(send, limit)
+                    await self._too_large(send, limit, scope["path"])
                     return
                 break
         if scope["path"] in self.streamed:
@@ -62,7 +68,7 @@ class BodyLimitMiddleware:
             body = message.get("body", b"")
             size += len(body)
             if size > self.max_bytes:
-                await self._too_large(send, self.max_bytes)
+                await self._too_large(send, self.max_bytes, scope["path"])
                 return
             chunks.append(body)
             if not message.get("more_body", False):

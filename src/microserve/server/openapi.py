@@ -17,7 +17,7 @@ from microserve.protocol.common import MAX_STOP_SEQUENCES
 from microserve.services.limits import RequestLimits
 
 # The request bodies that carry SamplingFields, by the schema names FastAPI gives them.
-_GENERATION_REQUESTS = ("ChatCompletionRequest", "CompletionRequest", "MessagesRequest")
+_GENERATION_REQUESTS = ("ChatCompletionRequest", "CompletionRequest")
 _STREAMED_ROUTES = ("/v1/chat/completions", "/v1/completions")
 _EVENT_STREAM = {
     "schema": {"type": "string", "description": "Server-sent events: `data: {chunk}` lines, then `data: [DONE]`."}
@@ -56,10 +56,6 @@ def apply_limits(schema: dict[str, Any], limits: RequestLimits) -> dict[str, Any
         for branch in _branches(props.get("stop", {})):
             if branch.get("type") == "array":
                 _cap(branch.get("items"), "string", maxLength=limits.max_stop_length)
-        _cap(props.get("stop_sequences"), "array", maxItems=limits.max_stop_sequences)  # Anthropic's stop
-        for branch in _branches(props.get("stop_sequences", {})):
-            if branch.get("type") == "array":
-                _cap(branch.get("items"), "string", maxLength=limits.max_stop_length)
         if "messages" in props:
             _cap(props["messages"], "array", maxItems=limits.max_messages)
         if limits.max_tokens is not None:
@@ -75,17 +71,35 @@ def apply_limits(schema: dict[str, Any], limits: RequestLimits) -> dict[str, Any
     return schema
 
 
-def install_openapi(app: FastAPI, limits: RequestLimits) -> Callable[[], dict[str, Any]]:
-    """Make ``app.openapi`` serve FastAPI's schema (built once, on first use) with ``limits`` written in."""
+def apply_vocabulary(schema: dict[str, Any], vocab_size: int) -> dict[str, Any]:
+    """Bound the token ids of ``/detokenize`` by the vocabulary (in place; returned)."""
+    component = schema.get("components", {}).get("schemas", {}).get("DetokenizeRequest", {})
+    items = component.get("properties", {}).get("tokens", {}).get("items")
+    if isinstance(items, dict):
+        items["minimum"] = 0
+        items["maximum"] = vocab_size - 1
+    return schema
+
+
+def install_openapi(
+    app: FastAPI, limits: RequestLimits, vocab_size: Callable[[], int | None] = lambda: None
+) -> Callable[[], dict[str, Any]]:
+    """Make ``app.openapi`` serve FastAPI's schema (built once, on first use) with ``limits`` written in, and the
+    vocabulary bound once ``vocab_size`` knows it (the smallest of the served text models', once they loaded)."""
     build = app.openapi
-    done = False
+    done = vocab_done = False
 
     def openapi() -> dict[str, Any]:
-        nonlocal done
+        nonlocal done, vocab_done
         document = build()  # FastAPI caches the document it builds in app.openapi_schema
         if not done:
             apply_limits(document, limits)
             done = True
+        if not vocab_done:
+            size = vocab_size()
+            if size is not None:
+                apply_vocabulary(document, size)
+                vocab_done = True
         return document
 
     app.openapi = openapi  # type: ignore[method-assign]

@@ -149,7 +149,7 @@ class GenerationService:
         self._limits = limits or RequestLimits()
 
     def text_model(self, name: str) -> ServedModel:
-        """The served text model called ``name``; a 404 when there is none."""
+        """The text model called ``name``; a 404 naming the served ones when there is none."""
         return self._models.text(name)
 
     def _model(

@@ -219,7 +219,7 @@ class MessagesService:
 
     async def prepare(self, request: MessagesRequest) -> PreparedMessage:
         """Validate and render as chat does; raises a ServiceError for anything the client must fix."""
-        self._chat.text_model(request.model)  # an unknown model is a 404 before the turns are checked
+        self._chat.text_model(request.model)  # the model first, as every route checks it
         prepared = await self._chat.prepare(chat_request(request))
         prepared.include_usage = True
         return PreparedMessage(id=f"msg_{uuid.uuid4().hex[:24]}", chat=prepared)

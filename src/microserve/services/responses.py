@@ -269,8 +269,9 @@ class ResponsesService:
     async def prepare(self, request: ResponseRequest) -> PreparedResponse:
         """The chat request this response runs as, validated as chat validates; raises a ServiceError for anything
         the client must fix."""
+        # The model first, as every route checks it: a response of another model's conversation is never looked up.
+        self._chat.text_model(request.model)
         history: list[dict[str, Any]] = []
-        self._chat.text_model(request.model)  # an unknown model is a 404 before anything else is looked up
         if request.previous_response_id is not None:
             previous = self.store.get(request.previous_response_id)
             if previous is None:

@@ -274,6 +274,11 @@ def tool_calls_gbnf(functions: list[tuple[str, Any]], *, parallel: bool, open_te
     for i, (name, parameters) in enumerate(functions):
         params = parameters if parameters else {"type": "object", "properties": {}}
         _check(params, f"tools[{i}].function.parameters")
+        if "$ref" in params and "anyOf" not in params and len(params) > 1:
+            # llama.cpp's resolver does not look inside a node that holds a `$ref`, so the refs inside a `$defs`
+            # beside it (the usual layout of a recursive schema) would keep their local form, which names nothing
+            # under this tool's prefix. The same reference as a one-way union is visited whole.
+            params = {**{k: v for k, v in params.items() if k != "$ref"}, "anyOf": [{"$ref": params["$ref"]}]}
         try:
             params = converter.resolve_refs(params, f"tool{i}")
         except (AssertionError, KeyError, ValueError, TypeError) as exc:

@@ -15,15 +15,14 @@ from microserve.protocol.common import ErrorResponse
 from microserve.server.adapters import AdapterManager
 from microserve.server.routes import ERRORS
 
-router = APIRouter(tags=["adapters"], responses=ERRORS)
-# The success body is text; the errors are JSON like every route's (a text response class would document them as
-# text too).
-_TEXT: dict[int | str, dict[str, Any]] = {
-    200: {"description": "Success", "content": {"text/plain": {"schema": {"type": "string"}}}},
+# The success bodies are text, the errors JSON: both documented, so that the schema says what clients get.
+TEXT_OK: dict[int | str, dict[str, Any]] = {
+    200: {"description": "Success", "content": {"text/plain": {"schema": {"type": "string"}}}}
 }
+router = APIRouter(tags=["adapters"], responses={**ERRORS, 403: {"model": ErrorResponse}, **TEXT_OK})
 
 
-@router.post("/v1/load_lora_adapter", responses={**_TEXT, 403: {"model": ErrorResponse}})
+@router.post("/v1/load_lora_adapter")
 async def load_lora_adapter(body: LoadLoraAdapterRequest, request: Request) -> PlainTextResponse:
     """Serve a LoRA adapter from the adapter directory under ``lora_name``."""
     manager: AdapterManager = request.app.state.adapters
@@ -31,7 +30,7 @@ async def load_lora_adapter(body: LoadLoraAdapterRequest, request: Request) -> P
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
 
-@router.post("/v1/unload_lora_adapter", responses=_TEXT)
+@router.post("/v1/unload_lora_adapter")
 async def unload_lora_adapter(body: UnloadLoraAdapterRequest, request: Request) -> PlainTextResponse:
     """Stop serving an adapter; requests already running on it finish first."""
     manager: AdapterManager = request.app.state.adapters
