@@ -3,9 +3,9 @@ three LoRA adapters, on one server, taking turns.
 
 llama.cpp applies adapters to its whole context, so sequences of different adapter sets cannot share a decode:
 the scheduler runs one set per step, the sets with work taking turns. This prints the mixed throughput as a ratio
-of the base-only one (goal: at least 0.7) and how many decode steps the least-served set waits between its
-tokens at the 90th percentile (goal: at most 3 with four sets), from each set's inter-token gaps over the mean
-step time (the engine's step counter over the wall time).
+of the base-only one (goal: at least 0.7) and how many decode steps a set with work waited for its turn, counted
+by the engine itself (``lora_turn_wait_steps``: the 90th percentile and the most; goal: at most 3 with four
+sets), and, as a check from the client's side, each set's inter-token gaps over the mean step time.
 
     .venv/bin/python bench/lora_mix.py --model smollm2-135m-instruct --repeats 3
 """
@@ -58,9 +58,37 @@ async def steps_of(client: httpx.AsyncClient, model: str) -> float:
     return float(match.group(1)) if match else 0.0
 
 
+async def turn_waits(client: httpx.AsyncClient, model: str) -> list[float]:
+    """The cumulative counts of ``lora_turn_wait_steps`` by bucket (0, 1, ... steps, then +Inf)."""
+    text = (await client.get("/v1/metrics")).text
+    pattern = rf'^lora_turn_wait_steps_bucket\{{le="([^"]+)",model_name="{re.escape(model)}"\}} ([0-9.e+]+)$'
+    found = re.findall(pattern, text, re.MULTILINE)
+    if not found:
+        pattern = rf'^lora_turn_wait_steps_bucket\{{model_name="{re.escape(model)}",le="([^"]+)"\}} ([0-9.e+]+)$'
+        found = re.findall(pattern, text, re.MULTILINE)
+    return [float(v) for _, v in found]
+
+
+def wait_quantiles(before: list[float], after: list[float]) -> tuple[float, float]:
+    """The 90th percentile and the largest wait (in steps) of the turns between two readings."""
+    counts = [a - b for a, b in zip(after, before, strict=True)]
+    per_bucket = [counts[0], *(b - a for a, b in itertools.pairwise(counts))]
+    total = sum(per_bucket)
+    if not total:
+        return float("nan"), float("nan")
+    largest = max(i for i, n in enumerate(per_bucket) if n > 0)
+    seen = 0.0
+    for i, n in enumerate(per_bucket):
+        seen += n
+        if seen >= 0.9 * total:
+            return float(i), float(largest)
+    return float(largest), float(largest)
+
+
 async def run(url: str, base: str, models: list[str], concurrency: int, requests: int, tokens: int) -> dict[str, Any]:
     async with httpx.AsyncClient(base_url=url) as client:
         before = await steps_of(client, base)
+        waits_before = await turn_waits(client, base)
         queue = list(range(requests))
         results: list[tuple[str, list[float], int]] = []
 
@@ -73,13 +101,21 @@ async def run(url: str, base: str, models: list[str], concurrency: int, requests
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - started
         steps = await steps_of(client, base) - before
+        p90_turn, max_turn = wait_quantiles(waits_before, await turn_waits(client, base))
     produced = sum(n for _, _, n in results)
     step_s = wall / steps if steps else float("nan")
     waits = {}
     for model in models:
         gaps = [g for m, gs, _ in results if m == model for g in gs]
         waits[model] = max(percentile(gaps, 90) / step_s - 1.0, 0.0) if gaps else float("nan")
-    return {"tok_s": produced / wall, "step_ms": step_s * 1000, "steps": steps, "wait_p90_steps": waits}
+    return {
+        "tok_s": produced / wall,
+        "step_ms": step_s * 1000,
+        "steps": steps,
+        "turn_wait_p90": p90_turn,
+        "turn_wait_max": max_turn,
+        "wait_p90_steps": waits,
+    }
 
 
 async def main(args: argparse.Namespace) -> int:
@@ -109,19 +145,26 @@ async def main(args: argparse.Namespace) -> int:
     base_tok = statistics.median(r["tok_s"] for r in rows["base"])
     mixed_tok = statistics.median(r["tok_s"] for r in rows["mixed"])
     worst = max(statistics.median(r["wait_p90_steps"][m] for r in rows["mixed"]) for m in (args.model, *ADAPTERS))
+    p90_turn = max(r["turn_wait_p90"] for r in rows["mixed"])
+    max_turn = max(r["turn_wait_max"] for r in rows["mixed"])
     print(f"model {args.model}, c={args.concurrency}, {args.requests} requests x {args.tokens} tokens per run")
-    print("| load | tok/s | step ms | p90 wait of the least-served set (steps) |")
-    print("|---|---|---|---|")
-    print(f"| base only | {base_tok:.1f} | {statistics.median(r['step_ms'] for r in rows['base']):.1f} | - |")
+    print("| load | tok/s | step ms | turn wait p90 / max (steps, engine) | gap p90 of the least-served set (steps) |")
+    print("|---|---|---|---|---|")
+    base_step = statistics.median(r["step_ms"] for r in rows["base"])
+    print(f"| base only | {base_tok:.1f} | {base_step:.1f} | - | - |")
+    mixed_step = statistics.median(r["step_ms"] for r in rows["mixed"])
     print(
-        f"| base + {len(ADAPTERS)} adapters | {mixed_tok:.1f} | "
-        f"{statistics.median(r['step_ms'] for r in rows['mixed']):.1f} | {worst:.2f} |"
+        f"| base + {len(ADAPTERS)} adapters | {mixed_tok:.1f} | {mixed_step:.1f} | "
+        f"{p90_turn:.0f} / {max_turn:.0f} | {worst:.2f} |"
     )
     ratio = mixed_tok / base_tok
-    print(f"mixed / base-only = {ratio:.2f} (goal >= 0.7); worst p90 wait {worst:.2f} steps (goal <= 3)")
+    print(
+        f"mixed / base-only = {ratio:.2f} (goal >= 0.7); turn wait p90 {p90_turn:.0f}, max {max_turn:.0f} steps "
+        f"(goal <= 3); from the client's gaps over the mean step, p90 {worst:.2f}"
+    )
     (REPO / "bench" / "out").mkdir(parents=True, exist_ok=True)
     (REPO / "bench" / "out" / "lora_mix.json").write_text(json.dumps(rows, indent=2))
-    return 0 if ratio >= 0.7 and worst <= 3 else 1
+    return 0 if ratio >= 0.7 and max_turn <= 3 else 1
 
 
 if __name__ == "__main__":

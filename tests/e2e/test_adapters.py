@@ -5,6 +5,7 @@ cache, and bad adapters refused with their reason while the others keep serving.
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -159,9 +160,26 @@ def test_twelve_concurrent_streams_over_base_and_two_adapters_equal_their_solo_r
             alone = [await _stream(client, m, p, 32) for m, p in jobs]
             return list(together), alone
 
+    before = _turn_waits(server)
     together, alone = asyncio.run(main())
     assert together == alone
     assert len({t for t, (m, _) in zip(together, jobs, strict=True) if m == "alpha"}) >= 1
+    # Three adapter sets took turns: none waited more than the two others' steps, as the engine counted them.
+    after = _turn_waits(server)
+    turns = {le: after[le] - before.get(le, 0.0) for le in after}
+    assert turns["+Inf"] > 0 and turns["2"] == turns["+Inf"], turns
+    assert turns["1"] < turns["+Inf"], turns  # the sets did wait for each other
+
+
+def _turn_waits(server: Server) -> dict[str, float]:
+    """Cumulative counts of ``lora_turn_wait_steps`` of the base model by bucket."""
+    text = httpx.get(f"{server.v1}/metrics").text
+    found = re.findall(r"^lora_turn_wait_steps_bucket\{(.*)\} ([0-9.e+]+)$", text, re.MULTILINE)
+    buckets = {}
+    for labels, value in found:
+        if f'model_name="{MODEL}"' in labels:
+            buckets[re.search(r'le="([^"]+)"', labels).group(1)] = float(value)  # type: ignore[union-attr]
+    return buckets
 
 
 def test_prefix_cache_is_reused_only_under_the_same_adapter(server: Server, lora_dir: Path, tmp_path: Path) -> None:

@@ -149,6 +149,8 @@ class EngineStats:
     adapters_loaded: int = 0
     running_adapters: tuple[str, ...] = ()
     waiting_adapters: tuple[str, ...] = ()
+    # Adapter sets take turns at decoding: how many turns came after a wait of 0, 1, 2, ... decode steps.
+    turn_waits: tuple[int, ...] = ()
 
 
 @runtime_checkable

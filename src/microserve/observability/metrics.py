@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from microserve.engines.base import EncoderStats, EngineStats
@@ -49,6 +50,11 @@ class _LoadCollector(Collector):
             "Adapters of the running and waiting requests (labels); the value is the time of the reading.",
             labels=["model_name", "max_lora", "running_lora_adapters", "waiting_lora_adapters"],
         )
+        turn_wait = HistogramMetricFamily(
+            "lora_turn_wait_steps",
+            "Decode steps an adapter set with work waited for its turn (sets of different adapters decode apart).",
+            labels=["model_name"],
+        )
         now = time.time()
         for name, stats, queued in self._sources():
             running.add_metric([name], stats.running)
@@ -59,8 +65,13 @@ class _LoadCollector(Collector):
             loaded.add_metric([name], stats.adapters_loaded)
             labels = [name, str(self._max_loras), ",".join(stats.running_adapters), ",".join(stats.waiting_adapters)]
             lora_info.add_metric(labels, now)
+            if stats.turn_waits:
+                cumulative = list(itertools.accumulate(stats.turn_waits))
+                buckets = [(str(i), n) for i, n in enumerate(cumulative[:-1])] + [("+Inf", cumulative[-1])]
+                total = sum(i * n for i, n in enumerate(stats.turn_waits))
+                turn_wait.add_metric([name], buckets, total)
         encoders = self._collect_encoders(self._encoders, running, waiting) if self._encoders is not None else []
-        yield from (running, waiting, kv, prefix, steps, loaded, lora_info, *encoders)
+        yield from (running, waiting, kv, prefix, steps, loaded, lora_info, turn_wait, *encoders)
         # The Gateway API Inference Extension's endpoint picker reads a server's load under vLLM's names: the same
         # samples under those names let such a gateway route to microserve.
         yield from (_renamed(family, f"vllm:{family.name}") for family in (running, waiting, kv, lora_info))

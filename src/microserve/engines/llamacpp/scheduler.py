@@ -31,6 +31,9 @@ from microserve.engines.llamacpp.sampling import SequenceSampler
 
 log = logging.getLogger(__name__)
 
+# Buckets of the turn-wait counts: waits of 0 to 14 decode steps, and 15 or more.
+TURN_WAIT_BUCKETS = 16
+
 
 @dataclass(slots=True)
 class Token:
@@ -208,6 +211,11 @@ class Scheduler:
         # adapter set last decoded in: sets with work take turns, the longest-waiting first.
         self._ctx_adapter: str | bool | None = None
         self._turns: dict[str | None, int] = {}
+        # Decode steps each adapter set with work has waited since its last turn, and how many turns came after
+        # a wait of 0, 1, 2, ... steps (the last bucket: that many or more), for the turn-wait metric.
+        self._groups: tuple[str | None, ...] = ()
+        self._skipped: dict[str | None, int] = {}
+        self.turn_waits = [0] * TURN_WAIT_BUCKETS
         if loras is not None:
             loras.before_free = self._clear_adapters
         self._waiting: deque[Sequence] = deque()
@@ -271,6 +279,7 @@ class Scheduler:
             adapters_loaded=self._loras.loaded_count if self._loras is not None else 0,
             running_adapters=tuple(sorted({s.adapter for s in running if s.adapter})),
             waiting_adapters=tuple(sorted({s.adapter for s in waiting if s.adapter})),
+            turn_waits=tuple(self.turn_waits),
         )
 
     # -- the engine thread ------------------------------------------------------------------------------------
@@ -499,6 +508,7 @@ class Scheduler:
         if active:
             self._use_adapter(active[0].adapter, active[0].lora)
             self._turns[active[0].adapter] = self.steps
+            self._count_turn(active[0].adapter)
         batch.n_tokens = n
         started = time.perf_counter()
         rc = L.llama_decode(self._ctx, batch)
@@ -544,10 +554,17 @@ class Scheduler:
         for seq in self._running:
             if seq.prefilled == len(seq.prompt) or (seq.prefilled < len(seq.prompt) and seq.fork_from is None):
                 groups.setdefault(seq.adapter, []).append(seq)
+        self._groups = tuple(groups)
         if len(groups) <= 1:
             return next(iter(groups.values()), [])
         key = min(groups, key=lambda k: self._turns.get(k, -1))
         return groups[key]
+
+    def _count_turn(self, chosen: str | None) -> None:
+        # Every other set that had work this step waits one step more; the chosen one's wait ends.
+        waited = self._skipped.pop(chosen, 0)
+        self.turn_waits[min(waited, TURN_WAIT_BUCKETS - 1)] += 1
+        self._skipped = {k: self._skipped.get(k, 0) + 1 for k in self._groups if k != chosen}
 
     def _score(self, score_at: list[tuple[Sequence, int, int]]) -> list[tuple[Sequence, Event]]:
         """Score this step's prompt positions; a prompt's scores are posted once all of it is prefilled."""
