@@ -157,6 +157,34 @@ class Settings(BaseSettings):
         """The adapter directory: ``lora_dir`` when set, else ``<cache_dir>/loras``."""
         return (self.lora_dir or self.cache_dir / "loras").expanduser()
 
+    # -- fine-tuning jobs (/v1/files, /v1/fine_tuning/jobs, /v1/customization/jobs) ----------------------------
+    fine_tuning: bool = Field(
+        True,
+        description="Serve the files and fine-tuning jobs API (OpenAI's /v1/files and /v1/fine_tuning/jobs, NeMo "
+        "Customizer's /v1/customization/jobs); jobs train LoRA adapters for the served models.",
+    )
+    fine_tuning_dir: Path | None = Field(
+        None,
+        description="Where the fine-tuning state lives: the SQLite database of files and jobs, and the uploaded "
+        "files. Default: <cache_dir>/fine_tuning.",
+    )
+    max_upload_bytes: int = Field(
+        512 * 1024 * 1024, ge=1024, description="Largest file POST /v1/files accepts (413 above)."
+    )
+    fine_tuning_threads: int | None = Field(
+        None,
+        ge=1,
+        description="CPU threads of a fine-tuning job's worker process; default half the usable cores (at least 1), "
+        "so that serving keeps the rest.",
+    )
+    fine_tuning_nice: int = Field(
+        10, ge=0, le=19, description="How much a fine-tuning job's worker process lowers its priority (nice)."
+    )
+
+    def resolved_fine_tuning_dir(self) -> Path:
+        """The fine-tuning state's directory: ``fine_tuning_dir`` when set, else ``<cache_dir>/fine_tuning``."""
+        return (self.fine_tuning_dir or self.cache_dir / "fine_tuning").expanduser()
+
     playground: bool = Field(True, description="Serve the web playground at /playground (and redirect / there).")
 
     @field_validator("embedding_model", "rerank_model", mode="before")

@@ -19,7 +19,6 @@ from microserve.cli.options import model_parameters, with_settings
 from microserve.finetune.config import TuneConfig
 from microserve.settings import DEFAULT_MODEL, Settings
 
-TUNE_MODULES = ("peft", "accelerate", "matplotlib")
 EXIT_STOPPED = 130
 
 
@@ -30,12 +29,9 @@ def _fail(message: str, code: int = 2) -> NoReturn:
 
 def missing_extra() -> str | None:
     """The message to show when the ``tune`` extra is not installed, else None."""
-    import importlib.util
+    from microserve.finetune.extra import missing_extra as missing
 
-    missing = [m for m in TUNE_MODULES if importlib.util.find_spec(m) is None]
-    if not missing:
-        return None
-    return f"`microserve tune` needs the `tune` extra ({', '.join(missing)} missing): pip install 'microserve[tune]'"
+    return missing("`microserve tune`")
 
 
 class _StopOnSignal:

@@ -9,14 +9,19 @@ briefly on SQLite, so routes call them from a thread. :class:`JobRunner` moves j
   line, or queues it;
 - ``queued`` -> ``running``: one job at a time runs in a worker process (``python -m microserve.finetune.worker``),
   niced and with its thread count bounded, never on the event loop or an engine thread;
+- the worker trains, converts and publishes the adapter, then exits; the runner hands the finished job to its
+  ``on_success`` hook (the server serves the adapter there) and only then marks it ``succeeded``, so a client that
+  sees ``succeeded`` can use ``fine_tuned_model`` at once;
 - cancelling a running job sends the worker SIGTERM: it stops after the current step and the job ends
-  ``cancelled``; on a restart, a job that was validating or running is marked ``failed`` with the reason.
+  ``cancelled``; on a restart, a job that was validating or running is marked ``failed`` with the reason (one whose
+  adapter was already published is marked ``succeeded``).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -166,8 +171,15 @@ def default_validator(cache_dir: Path, catalog_dir: Path | None = None) -> Valid
     return validate
 
 
+SuccessHook = Callable[[JobRow], None]
+
+
 class JobRunner:
-    """Validates queued files and runs one training job at a time in a worker process."""
+    """Validates queued files and runs one training job at a time in a worker process.
+
+    ``on_success`` runs in the runner's thread after a worker published an adapter, before the job is marked
+    ``succeeded``; an exception there fails the job with its message (the adapter stays in the directory).
+    """
 
     def __init__(
         self,
@@ -180,8 +192,10 @@ class JobRunner:
         nice: int = 10,
         validator: Validator | None = None,
         python: str = sys.executable,
+        on_success: SuccessHook | None = None,
     ) -> None:
         self.store = store
+        self.on_success = on_success
         self.lora_dir = lora_dir
         self.cache_dir = cache_dir
         self.catalog_dir = catalog_dir
@@ -199,9 +213,15 @@ class JobRunner:
     # -- lifecycle --------------------------------------------------------------------------------------------
 
     def recover(self) -> list[str]:
-        """Fail the jobs a previous process left validating or running; returns their ids. Queued jobs stay."""
+        """Fail the jobs a previous process left validating or running; returns their ids. Queued jobs stay.
+
+        A running job whose worker had already published its adapter is marked ``succeeded`` instead: the adapter
+        is in the directory, where the server finds it at start."""
         failed = []
         for job in self.store.jobs_in("validating_files", "running"):
+            if job.status == "running" and self._published(job):
+                self._succeeded(job.id)
+                continue
             reason = (
                 "the server stopped while this job was running; start a new job (its files are kept)"
                 if job.status == "running"
@@ -216,7 +236,18 @@ class JobRunner:
             ):
                 self.store.add_event(job.id, f"Job failed: {reason}", level="error")
                 failed.append(job.id)
+                self._remove_leftovers(job)
         return failed
+
+    def _remove_leftovers(self, job: JobRow) -> None:
+        # A worker killed outright leaves its half-written adapter (a hidden staging directory beside the adapters)
+        # and its checkpoints; a failed job is never resumed, so neither is of use.
+        name = str((job.config or {}).get("name") or job.fine_tuned_model or "")
+        if not name:
+            return
+        for staging in self.lora_dir.glob(f".{name}.staging-*"):
+            shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(self.cache_dir / "tune" / name, ignore_errors=True)  # pipeline.work_dir_for
 
     def start(self) -> None:
         """Recover, then start the thread that runs queued jobs."""
@@ -363,6 +394,9 @@ class JobRunner:
         current = self.store.job(job.id, any_owner=True)
         if current is None or current.status != "running":
             return  # the worker recorded the outcome
+        if code == 0 and self._published(current):
+            self._finish(current)
+            return
         if current.cancel_requested or code == EXIT_CANCELLED:
             self._cancelled(job.id)
             return
@@ -371,6 +405,36 @@ class JobRunner:
             return
         tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
         self._fail(job.id, f"the training process exited with code {code}: " + " | ".join(tail))
+
+    def _published(self, job: JobRow) -> bool:
+        # The worker records the trained tokens only once the adapter is in place.
+        return (
+            job.trained_tokens is not None
+            and bool(job.fine_tuned_model)
+            and (self.lora_dir / str(job.fine_tuned_model) / "adapter.gguf").is_file()
+        )
+
+    def _succeeded(self, job_id: str) -> None:
+        # The event first: a client that sees the status change finds it.
+        self.store.add_event(job_id, "The job has successfully completed")
+        self.store.update_job(job_id, only_if=("running",), status="succeeded", finished_at=int(time.time()))
+
+    def _finish(self, job: JobRow) -> None:
+        """A worker exited 0 after publishing: serve the adapter (the hook), then report success."""
+        if self.on_success is not None and not self._stopping:  # a server going away serves it at its next start
+            try:
+                self.on_success(job)
+            except Exception as exc:
+                reason = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+                log.warning("the adapter of %s cannot be served: %s", job.id, reason)
+                self._fail(
+                    job.id,
+                    f"the adapter was trained and written to {self.lora_dir / str(job.fine_tuned_model)}, "
+                    f"but it cannot be served: {reason}",
+                    code="adapter_not_served",
+                )
+                return
+        self._succeeded(job.id)
 
     def _cancelled(self, job_id: str) -> None:
         if self.store.update_job(
@@ -403,6 +467,8 @@ class FineTuningJobs:
         max_file_bytes: int = DEFAULT_FILE_LIMIT,
         base_learning_rate: float = 1e-3,
         tunable: Callable[[str], str | None] | None = None,
+        base_of: Callable[[str], str] | None = None,
+        max_rank: int | None = None,
     ) -> None:
         self.store = store
         self.runner = runner
@@ -410,6 +476,10 @@ class FineTuningJobs:
         self.base_learning_rate = base_learning_rate
         # Returns the reason a model cannot be tuned, or None when it can.
         self.tunable = tunable or _catalog_tunable(runner.catalog_dir)
+        # What the trainer loads for a tunable model name (a server maps a served name to its catalog id or GGUF).
+        self.base_of = base_of or (lambda model: model)
+        # The largest rank the server serves: an adapter above it could be trained but not served.
+        self.max_rank = max_rank
 
     # -- files ------------------------------------------------------------------------------------------------
 
@@ -424,10 +494,16 @@ class FineTuningJobs:
         return file_object(row)
 
     def list_files(
-        self, owner: str | None, purpose: str | None = None, after: str | None = None, limit: int = 10000
+        self,
+        owner: str | None,
+        purpose: str | None = None,
+        after: str | None = None,
+        limit: int = 10000,
+        order: str = "desc",
     ) -> Page:
-        """``GET /v1/files``."""
-        return _page([file_object(r) for r in self.store.list_files(owner, purpose)], after, limit)
+        """``GET /v1/files``, newest first unless ``order`` is ``asc``."""
+        files = [file_object(r) for r in self.store.list_files(owner, purpose)]
+        return _page(files[::-1] if order == "asc" else files, after, limit)
 
     def retrieve_file(self, owner: str | None, file_id: str) -> FileObject:
         """``GET /v1/files/{id}``."""
@@ -453,12 +529,18 @@ class FineTuningJobs:
     # -- jobs -------------------------------------------------------------------------------------------------
 
     def create_job(
-        self, owner: str | None, request: CreateJobRequest, *, overrides: dict[str, Any] | None = None
+        self,
+        owner: str | None,
+        request: CreateJobRequest,
+        *,
+        overrides: dict[str, Any] | None = None,
+        name: str | None = None,
     ) -> FineTuningJob:
         """``POST /v1/fine_tuning/jobs``: the job starts in ``validating_files``.
 
-        ``overrides`` sets further :class:`TuneConfig` knobs (NeMo Customizer's ``lora.adapter_dim`` is ``rank``,
-        its ``learning_rate`` is ``learning_rate``); a bad value is a 400.
+        ``overrides`` sets further :class:`TuneConfig` knobs (NeMo Customizer's ``lora.adapter_dim`` is ``rank``);
+        ``name`` chooses the adapter's name instead of ``ft-<base>[-<suffix>]-<id>`` (NeMo's ``output_model``): it
+        must be free, neither an adapter in the directory nor another job's. A bad value is a 400.
         """
         reason = self.tunable(request.model)
         if reason:
@@ -491,6 +573,8 @@ class FineTuningJobs:
             )
         if request.suffix is not None and not all(c.isalnum() or c in "-_." for c in request.suffix):
             raise InvalidRequest("suffix may hold only letters, digits, '-', '_' and '.'", param="suffix")
+        if name is not None:
+            self._check_free_name(name)
         seed = request.seed if request.seed is not None else int.from_bytes(os.urandom(4), "big") % (2**31)
         resolved = {"n_epochs": epochs, "batch_size": batch, "learning_rate_multiplier": float(multiplier)}
         knobs: dict[str, Any] = {
@@ -501,12 +585,19 @@ class FineTuningJobs:
             "threads": self.runner.threads,
             **(overrides or {}),
         }
+        base = self.base_of(request.model)
         try:
-            TuneConfig(base=request.model, name="check", **knobs)
+            checked = TuneConfig(base=base, name="check", **knobs)
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"])
             raise InvalidRequest(f"{where}: {first['msg']}", param="hyperparameters") from exc
+        if self.max_rank is not None and checked.rank > self.max_rank:
+            raise InvalidRequest(
+                f"rank {checked.rank} is above the largest rank this server serves ({self.max_rank}; "
+                "see --max-lora-rank)",
+                param="hyperparameters",
+            )
         row = self.store.add_job(
             owner,
             model=request.model,
@@ -519,16 +610,35 @@ class FineTuningJobs:
             metadata=request.metadata,
             fine_tuned_model="",
         )
-        name = adapter_name(request.model, request.suffix, row.id)
-        config = TuneConfig(base=request.model, name=name, **knobs)
+        name = name or adapter_name(request.model, request.suffix, row.id)
+        config = TuneConfig(base=base, name=name, **knobs)
         self.store.update_job(row.id, config=config.model_dump(), fine_tuned_model=name)
         self.store.add_event(row.id, f"Created fine-tuning job: {row.id}")
         self.runner.submit_validation(row.id)
         return self.retrieve_job(owner, row.id)
 
-    def list_jobs(self, owner: str | None, after: str | None = None, limit: int = 20) -> Page:
-        """``GET /v1/fine_tuning/jobs``."""
-        return _page([job_object(r) for r in self.store.list_jobs(owner)], after, limit)
+    def _check_free_name(self, name: str) -> None:
+        try:
+            check_adapter_name(name)
+        except ValueError as exc:
+            raise InvalidRequest(str(exc), param="output_model") from None
+        taken = (self.runner.lora_dir / name).exists() or any(
+            j.fine_tuned_model == name and j.status not in ("failed", "cancelled")
+            for j in self.store.jobs_in("validating_files", "queued", "running", "succeeded")
+        )
+        if taken:
+            raise InvalidRequest(
+                f"an adapter named `{name}` exists already; choose another name", param="output_model", code="exists"
+            )
+
+    def list_jobs(
+        self, owner: str | None, after: str | None = None, limit: int = 20, metadata: dict[str, str] | None = None
+    ) -> Page:
+        """``GET /v1/fine_tuning/jobs``, newest first; ``metadata`` keeps the jobs whose metadata holds every pair."""
+        rows = self.store.list_jobs(owner)
+        if metadata:
+            rows = [r for r in rows if r.metadata and all(r.metadata.get(k) == v for k, v in metadata.items())]
+        return _page([job_object(r) for r in rows], after, limit)
 
     def retrieve_job(self, owner: str | None, job_id: str) -> FineTuningJob:
         """``GET /v1/fine_tuning/jobs/{id}``."""

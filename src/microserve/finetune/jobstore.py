@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import secrets
 import sqlite3
 import time
@@ -74,6 +75,10 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     metrics TEXT NOT NULL,
     model_checkpoint TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS customizations (
+    job_id TEXT PRIMARY KEY,
+    request TEXT NOT NULL
+);
 CREATE INDEX IF NOT EXISTS events_by_job ON events (job_id, seq);
 CREATE INDEX IF NOT EXISTS checkpoints_by_job ON checkpoints (job_id, seq);
 """
@@ -94,9 +99,13 @@ def owner_of(api_key: str | None) -> str | None:
     return hashlib.sha256(api_key.encode("utf-8")).hexdigest() if api_key else None
 
 
-def new_id(prefix: str) -> str:
-    """An OpenAI-style object id (``file-...``, ``ftjob-...``)."""
-    return f"{prefix}-{secrets.token_hex(12)}"
+# The ids new_id makes for files: the only names under the files directory.
+FILE_ID = re.compile(r"file-[0-9a-f]{24}")
+
+
+def new_id(prefix: str, sep: str = "-") -> str:
+    """An OpenAI-style object id (``file-...``, ``ftjob-...``, ``ft-event-...``, ``ftckpt_...``)."""
+    return f"{prefix}{sep}{secrets.token_hex(12)}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,7 +195,10 @@ class JobStore:
     # -- files ------------------------------------------------------------------------------------------------
 
     def file_path(self, file_id: str) -> Path:
-        """Where a file's bytes are kept."""
+        """Where a file's bytes are kept; ``ValueError`` for anything but an id this store makes, so that no id a
+        client sends names a path outside the files directory."""
+        if not FILE_ID.fullmatch(file_id):
+            raise ValueError(f"not a file id: {file_id!r}")
         return self.files_dir / file_id
 
     def add_file(
@@ -358,7 +370,7 @@ class JobStore:
         data: dict[str, Any] | None = None,
     ) -> EventRow:
         """Append an event to the job's log."""
-        event_id = new_id("ftevent")
+        event_id = new_id("ft-event")
         now = int(time.time())
         with self._connect() as db:
             cursor = db.execute(
@@ -376,7 +388,7 @@ class JobStore:
 
     def add_checkpoint(self, job_id: str, step: int, metrics: dict[str, Any], model_checkpoint: str) -> CheckpointRow:
         """Record a checkpoint (one per epoch)."""
-        checkpoint_id = new_id("ftckpt")
+        checkpoint_id = new_id("ftckpt", "_")
         now = int(time.time())
         with self._connect() as db:
             cursor = db.execute(
@@ -392,3 +404,16 @@ class JobStore:
         with self._connect() as db:
             rows = db.execute("SELECT * FROM checkpoints WHERE job_id = ? ORDER BY seq DESC", (job_id,)).fetchall()
         return [CheckpointRow(**{**dict(r), "metrics": _loads(r["metrics"])}) for r in rows]
+
+    # -- NeMo Customizer's view of a job ----------------------------------------------------------------------
+
+    def add_customization(self, job_id: str, request: dict[str, Any]) -> None:
+        """Keep what a NeMo Customizer client sent for a job (its name, config, dataset, hyperparameters ...)."""
+        with self._connect() as db:
+            db.execute("INSERT INTO customizations (job_id, request) VALUES (?, ?)", (job_id, json.dumps(request)))
+
+    def customization(self, job_id: str) -> dict[str, Any] | None:
+        """What a NeMo Customizer client sent for the job, if it was created that way."""
+        with self._connect() as db:
+            row = db.execute("SELECT request FROM customizations WHERE job_id = ?", (job_id,)).fetchone()
+        return json.loads(row["request"]) if row else None

@@ -1,7 +1,10 @@
 """The process one fine-tuning job runs in: ``python -m microserve.finetune.worker --root DIR --job ID ...``.
 
 Started by :class:`~microserve.finetune.jobs.JobRunner` (niced, threads bounded); it records its own progress,
-checkpoints and outcome in the job store. SIGTERM stops it after the current step: the job ends ``cancelled``.
+checkpoints and failures in the job store. On success it publishes the adapter and records the trained tokens;
+the runner then serves the adapter and marks the job ``succeeded``. SIGTERM stops it after the current step: the
+job ends ``cancelled`` (or ``failed`` when the server is shutting down). When the server that started it dies, the
+worker notices (it is re-parented) and stops the same way, so no orphan trains on.
 """
 
 from __future__ import annotations
@@ -81,12 +84,25 @@ def main(argv: list[str] | None = None) -> int:
         os.nice(args.nice)
 
     stop = threading.Event()
+    orphaned = threading.Event()
 
     def on_term(signum: int, frame: FrameType | None) -> None:
         stop.set()
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
+    parent = os.getppid()
+
+    def watch_parent() -> None:
+        # A server killed outright (SIGKILL, OOM) sends no SIGTERM: its worker is re-parented instead.
+        while not stop.is_set():
+            if os.getppid() != parent:
+                orphaned.set()
+                stop.set()
+                return
+            time.sleep(1.0)
+
+    threading.Thread(target=watch_parent, name="ft-parent-watch", daemon=True).start()
     store = JobStore(args.root)
     job = store.job(args.job, any_owner=True)
     if job is None:
@@ -149,6 +165,11 @@ def main(argv: list[str] | None = None) -> int:
 
         shutil.rmtree(work_dir_for(args.cache_dir, config.name), ignore_errors=True)
         current = store.job(job.id, any_owner=True)
+        if orphaned.is_set():
+            return fail(
+                "server_stopped",
+                "the server stopped while this job was running; start a new job (its files are kept)",
+            )
         if current is not None and not current.cancel_requested:
             return fail("server_shutdown", "the server shut down while this job was running; start a new job")
         store.add_event(job.id, "Job cancelled")
@@ -156,16 +177,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CANCELLED
     except Exception as exc:  # the job fails with the reason; the server that started it keeps serving
         return fail("training_failed", f"{type(exc).__name__}: {exc}")
-    # Events first: a client that sees the status change finds them.
+    # The adapter is published; the runner serves it and then reports the job succeeded.
     store.add_event(job.id, f"New fine-tuned model created: {config.name}")
-    store.add_event(job.id, "The job has successfully completed")
     store.update_job(
-        job.id,
-        only_if=("running",),
-        status="succeeded",
-        finished_at=int(time.time()),
-        trained_tokens=outcome.report["trained_tokens"],
-        fine_tuned_model=config.name,
+        job.id, only_if=("running",), trained_tokens=outcome.report["trained_tokens"], fine_tuned_model=config.name
     )
     return 0
 

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field
 
-from microserve.protocol.common import WireModel
+from microserve.protocol.common import Integral, WireModel
+
+# The bounds a job's hyperparameters are checked against before anything else: every one is in the schema.
+Epochs = Annotated[int, Field(ge=1, le=50), Integral]
+BatchSize = Annotated[int, Field(ge=1, le=256), Integral]
+Multiplier = Annotated[float, Field(gt=0, le=10)]
+Seed = Annotated[int, Field(ge=0, le=2147483647), Integral]
 
 JobStatus = Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled"]
 TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
@@ -34,9 +40,9 @@ class FileDeleted(BaseModel):
 class Hyperparameters(WireModel):
     """What a client may ask for; ``auto`` lets microserve choose (the resolved value is reported back)."""
 
-    n_epochs: Literal["auto"] | int = Field("auto")
-    batch_size: Literal["auto"] | int = Field("auto")
-    learning_rate_multiplier: Literal["auto"] | float = Field("auto")
+    n_epochs: Literal["auto"] | Epochs = "auto"
+    batch_size: Literal["auto"] | BatchSize = "auto"
+    learning_rate_multiplier: Literal["auto"] | Multiplier = "auto"
 
 
 class SupervisedMethod(WireModel):
@@ -54,9 +60,9 @@ class CreateJobRequest(WireModel):
     validation_file: str | None = None
     hyperparameters: Hyperparameters | None = None
     method: Method | None = None
-    suffix: str | None = Field(None, min_length=1, max_length=64)
-    seed: int | None = None
-    metadata: dict[str, str] | None = None
+    suffix: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
+    seed: Seed | None = None
+    metadata: dict[str, str] | None = Field(None, max_length=16)
 
 
 class ResolvedHyperparameters(BaseModel):

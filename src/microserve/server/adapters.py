@@ -78,6 +78,15 @@ class AdapterManager:
         """The adapters served now."""
         return list(self._served.values())
 
+    def base_models(self) -> list[ResolvedModel]:
+        """The served models that take adapters."""
+        return list(self._bases)
+
+    def base_model(self, name: str) -> ResolvedModel | None:
+        """The served model that takes adapters and answers to ``name`` (its served name, catalog id or alias)."""
+        wanted = name.lower()
+        return next((b for b in self._bases if wanted in (n.lower() for n in self._names[b.name])), None)
+
     async def refresh(self) -> None:
         """Scan the adapter directory: serve new adapters, reload changed ones, retire removed ones."""
         if not self.enabled:
@@ -101,10 +110,11 @@ class AdapterManager:
                     log.warning("adapter %s is not served: %s", name, reason)
             self._refused = refused
 
-    async def load(self, name: str, path: str | None) -> ServedAdapter:
+    async def load(self, name: str, path: str | None, *, origin: str = "api") -> ServedAdapter:
         """Serve the adapter ``name`` from ``path`` (inside the adapter directory; default: its sub-directory
         ``name``); a 400 naming the reason when it cannot be, a 404 when nothing is there, a 403 for a path
-        outside the adapter directory."""
+        outside the adapter directory. ``origin="directory"`` serves it as if a rescan had found it (a later rescan
+        retires it when its sub-directory goes), as for an adapter a fine-tuning job wrote."""
         self._require()
         async with self._lock:
             try:
@@ -120,7 +130,7 @@ class AdapterManager:
                     f"The lora adapter `{name}` has already been loaded.", param="lora_name", code="adapter_exists"
                 )
             try:
-                return await self._add(source, "api", await asyncio.to_thread(fingerprint, source))
+                return await self._add(source, origin, await asyncio.to_thread(fingerprint, source))
             except AdapterError as exc:
                 log.warning("adapter %s is not served: %s", name, exc)
                 raise InvalidRequest(str(exc), param="lora_path", code="invalid_adapter") from None

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+import sqlite3
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any, cast
 
@@ -31,12 +32,15 @@ from microserve.server.body_text import BodyTextMiddleware
 from microserve.server.cors import CorsMiddleware
 from microserve.server.drain import DrainMiddleware, DrainState
 from microserve.server.errors import UnhandledErrorMiddleware, install_error_handlers
+from microserve.server.fine_tuning import FineTuning
 from microserve.server.head import HeadMiddleware
 from microserve.server.limits import BodyLimitMiddleware
 from microserve.server.logging import RequestLogMiddleware, route_label
 from microserve.server.openapi import install_openapi
 from microserve.server.routes import adapters as adapter_routes
 from microserve.server.routes import anthropic, health, metadata, openai, playground, responses, retrieval, tokenize
+from microserve.server.routes import customization as customization_routes
+from microserve.server.routes import fine_tuning as fine_tuning_routes
 from microserve.server.routes import metrics as metrics_routes
 from microserve.services.chat import ChatService
 from microserve.services.completions import CompletionService
@@ -110,6 +114,7 @@ def build_app(
         return InstrumentedEngine(inner, name, metrics, tracing)
 
     adapters = AdapterManager(settings, plan, models, adapter_view)
+    fine_tuning = _fine_tuning(settings, adapters, lambda: app.state.loaded or app.state.load_error is not None)
 
     async def load_all(app: FastAPI) -> None:
         try:
@@ -128,10 +133,14 @@ def build_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loading = asyncio.create_task(load_all(app))
+        if fine_tuning is not None:
+            fine_tuning.start(asyncio.get_running_loop())
         try:
             yield
         finally:
             loading.cancel()
+            if fine_tuning is not None:
+                await asyncio.to_thread(fine_tuning.stop)
             for model in engines.values():
                 await model.engine.shutdown()
             tracing.shutdown()
@@ -170,6 +179,7 @@ def build_app(
     app.state.ranking = RankingService(models)
     app.state.admission = admission
     app.state.adapters = adapters
+    app.state.fine_tuning = fine_tuning
     app.state.metrics = metrics
     app.state.tracing = tracing
     app.state.drain = drain
@@ -191,7 +201,10 @@ def build_app(
     app.add_middleware(UnhandledErrorMiddleware)
     app.add_middleware(HeadMiddleware)
     app.add_middleware(BodyTextMiddleware)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    uploads = {fine_tuning_routes.FILES_PATH: settings.max_upload_bytes + fine_tuning_routes.FORM_OVERHEAD}
+    app.add_middleware(
+        BodyLimitMiddleware, max_bytes=settings.max_body_bytes, streamed=uploads if fine_tuning else None
+    )
     app.add_middleware(
         ApiKeyMiddleware,
         digests=load_key_digests(settings),
@@ -225,9 +238,24 @@ def build_app(
     app.include_router(health.router)
     app.include_router(metadata.router)
     app.include_router(metrics_routes.router)
+    if fine_tuning is not None:
+        for module in (fine_tuning_routes, customization_routes):
+            app.include_router(module.json_router)
+            app.include_router(module.router)
     if settings.playground:
         app.include_router(playground.router)
     return app
+
+
+def _fine_tuning(settings: Settings, adapters: AdapterManager, loaded: Callable[[], bool]) -> FineTuning | None:
+    # A cache directory that cannot hold the job store turns the fine-tuning routes off, not the service.
+    if not settings.fine_tuning:
+        return None
+    try:
+        return FineTuning(settings, adapters, loaded)
+    except (OSError, sqlite3.Error) as exc:
+        log.warning("the fine-tuning API is off: cannot open %s: %s", settings.resolved_fine_tuning_dir(), exc)
+        return None
 
 
 def _gate(key: str, model: ServedModel, settings: Settings, metrics: Metrics) -> Admission:

@@ -1,5 +1,9 @@
 """API keys: every route but the health probes needs ``Authorization: Bearer <key>`` once keys are configured; the
-Anthropic Messages routes also take the key as ``x-api-key``, as Anthropic's clients send it."""
+Anthropic Messages routes also take the key as ``x-api-key``, as Anthropic's clients send it.
+
+A request with a valid key carries the key's owner, the hex sha256 of the key, in its state (:func:`request_owner`):
+the fine-tuning routes keep each owner's files and jobs apart with it. The key itself goes no further than here.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import hashlib
 import hmac
 from pathlib import Path
 
+from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from microserve.server.errors import ANTHROPIC_PREFIX, send_error
@@ -17,6 +22,7 @@ HEALTH_PATHS = frozenset({"/health"})
 METRICS_PATHS = frozenset({"/metrics", "/v1/metrics"})
 
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="microserve"'}
+OWNER_STATE = "api_key_owner"
 
 
 class KeyFileError(ValueError):
@@ -55,6 +61,12 @@ def load_key_digests(settings: Settings) -> list[bytes]:
     return digests
 
 
+def request_owner(request: Request) -> str | None:
+    """Who owns what this request creates: the hex sha256 of its API key, or None when the server has no keys."""
+    owner = getattr(request.state, OWNER_STATE, None)
+    return owner if isinstance(owner, str) else None
+
+
 def is_public(path: str, metrics_public: bool) -> bool:
     """Health probes are always open; metrics only when the operator says so."""
     if path.startswith(HEALTH_PREFIX) or path in HEALTH_PATHS:
@@ -79,7 +91,9 @@ class ApiKeyMiddleware:
         self.public_paths = public_paths
 
     def _valid(self, presented: str) -> bool:
-        candidate = _digest(presented)
+        return self._matches(_digest(presented))
+
+    def _matches(self, candidate: bytes) -> bool:
         # Compare against every key, without stopping at a match, so timing says nothing about which matched.
         matched = False
         for digest in self.digests:
@@ -115,7 +129,8 @@ class ApiKeyMiddleware:
                 send, 401, f"Missing API key: send it as {how}.", headers=_CHALLENGE, code="missing_api_key", path=path
             )
             return
-        if scheme.lower() != "bearer" or not self._valid(token.strip()):
+        candidate = _digest(token.strip())
+        if scheme.lower() != "bearer" or not self._matches(candidate):
             await send_error(
                 send,
                 401,
@@ -125,4 +140,5 @@ class ApiKeyMiddleware:
                 path=path,
             )
             return
+        scope.setdefault("state", {})[OWNER_STATE] = candidate.hex()
         await self.app(scope, receive, send)
