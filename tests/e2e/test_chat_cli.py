@@ -88,7 +88,12 @@ def test_turns_keep_history_reset_forgets_ctrl_c_stops_a_reply_and_exit_leaves(s
         child.expect_exact(PROMPT)
         child.sendline("Write a very long story about a dragon who learns to fly.")
         child.expect_exact("who learns to fly.\r\n")  # the terminal's echo of the line
-        child.expect(r"(\S+ +){8}")  # a few words of the reply streamed
+        child.expect(r"\S+ +\S+")  # the reply has begun to stream
+        # Interrupt while the server still decodes it (a busy machine may render the terminal's words late).
+        deadline = time.monotonic() + 30
+        while running(smollm) == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
         child.sendintr()
         child.expect(r"~?\d+ completion tokens.*stopped")
         child.expect_exact(PROMPT)
