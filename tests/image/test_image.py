@@ -177,8 +177,10 @@ def test_serves_offline_as_non_root_then_drains_on_sigterm(
         if server.poll() is None:
             server.kill()
             server.wait()
-    # Nothing was downloaded, exported or placed at start: the cache is as the image built it.
-    assert snapshot(volume) == before
+    # Nothing was downloaded, exported or placed at start: the models in the cache are as the image built it (the
+    # fine-tuning jobs' state directory is the server's own and is made at start).
+    after = {path: entry for path, entry in snapshot(volume).items() if not path.startswith("fine_tuning/")}
+    assert after == before
     text = log.read_text()
     assert "drained; shutting down" in text, text
 
