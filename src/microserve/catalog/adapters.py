@@ -12,15 +12,13 @@ the adapter directory once symlinks are resolved.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from microserve.catalog.folder_lock import locked
 from microserve.catalog.peft_gguf import (
     AdapterError,
     AdapterMissing,
@@ -143,17 +141,6 @@ class PreparedAdapter:
         return self.info.alpha
 
 
-@contextmanager
-def _locked(folder: Path) -> Iterator[None]:
-    folder.mkdir(parents=True, exist_ok=True)
-    with (folder / ".lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
 def _digest(paths: list[Path], extra: str) -> str:
     digest = hashlib.sha256(extra.encode())
     for path in paths:
@@ -210,7 +197,7 @@ def prepare(
         files = [source.path / f for f in _PEFT_FILES]
         key = _digest(files, f"{base.architecture}:{out_type}:{base_path.stat().st_size}")
         gguf = cache_dir / "lora-gguf" / f"{source.name}-{key}.gguf"
-        with _locked(gguf.parent):  # two servers (or a server and a pull) converting the same adapter
+        with locked(gguf.parent):  # two servers (or a server and a pull) converting the same adapter
             if gguf.is_file():
                 info = read_lora(gguf)
             else:

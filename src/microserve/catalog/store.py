@@ -12,7 +12,6 @@ digest) shows progress: a bar on a terminal, log lines otherwise.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import importlib
 import importlib.util
@@ -23,13 +22,13 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 from microserve.catalog.errors import CatalogError
+from microserve.catalog.folder_lock import locked
 from microserve.catalog.manifest import (
     DerivedSource,
     HttpSource,
@@ -68,17 +67,6 @@ def artifact_size(path: Path) -> int:
     if path.is_dir():
         return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
     return path.stat().st_size
-
-
-@contextmanager
-def _locked(folder: Path) -> Iterator[None]:
-    folder.mkdir(parents=True, exist_ok=True)
-    with (folder / ".lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _package_location(module: str) -> Path | None:
@@ -202,7 +190,7 @@ class ModelStore:
         target = self.path_for(manifest, profile)
         if isinstance(source, DerivedSource):
             return self._ensure_derived(manifest, profile, source, target)
-        with _locked(target.parent):
+        with locked(target.parent):
             if target.exists():
                 self._verify_cached(target, source)
                 return target
@@ -232,7 +220,7 @@ class ModelStore:
         parent = manifest.parent(profile)
         if parent is None:  # pragma: no cover - the manifest validator rules it out
             raise ArtifactError(f"profile {profile.id} of {manifest.id} names no profile to derive from")
-        with _locked(target.parent):
+        with locked(target.parent):
             if target.exists():
                 self._verify_cached(target, source)
                 return target
