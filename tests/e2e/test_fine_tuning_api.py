@@ -9,6 +9,8 @@ Run under the CPU lock: these tests train.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import signal
@@ -250,6 +252,17 @@ def test_a_job_teaches_a_fact_served_by_its_name_while_chat_goes_on_and_a_second
     assert len([e for e in events if e.type == "metrics"]) == 24  # 60 examples x 3 epochs / batch 8
     checkpoints = api.fine_tuning.jobs.checkpoints.list(job.id).data
     assert checkpoints and all(c.fine_tuning_job_id == job.id for c in checkpoints)
+    # The results file: a row per step, its losses those of the metrics events and the checkpoints.
+    [results_id] = done.result_files
+    assert api.files.retrieve(results_id).purpose == "fine-tune-results"
+    rows = list(csv.DictReader(io.StringIO(api.files.content(results_id).text)))
+    losses = {e.data["step"]: e.data["train_loss"] for e in events if e.type == "metrics"}  # type: ignore[index]
+    assert [int(r["step"]) for r in rows] == sorted(losses)
+    assert all(float(r["train_loss"]) == losses[int(r["step"])] for r in rows)
+    by_step = {int(r["step"]): r for r in rows}
+    for checkpoint in checkpoints:
+        valid = by_step[checkpoint.step_number]["valid_loss"]
+        assert (float(valid) if valid else None) == checkpoint.metrics.valid_loss
     assert name in [m.id for m in api.models.list().data]
 
     answers = [ask(api, name, q) for q in questions]

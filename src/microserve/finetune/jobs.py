@@ -19,6 +19,8 @@ briefly on SQLite, so routes call them from a thread. :class:`JobRunner` moves j
 
 from __future__ import annotations
 
+import csv
+import io
 import logging
 import os
 import shutil
@@ -57,6 +59,8 @@ DEFAULT_EPOCHS = 3
 DEFAULT_BATCH = 8
 DEFAULT_FILE_LIMIT = 512 * 1024 * 1024
 EXIT_CANCELLED = 3
+# The purpose of the per-step metrics file a succeeded job lists in result_files (OpenAI's name for it).
+RESULTS_PURPOSE = "fine-tune-results"
 
 
 class NotFound(ServiceError):
@@ -137,6 +141,24 @@ def checkpoint_object(row: CheckpointRow) -> JobCheckpoint:
         metrics=CheckpointMetrics(**row.metrics),
         step_number=row.step_number,
     )
+
+
+def step_metrics_csv(store: JobStore, job_id: str) -> bytes:
+    """The job's results file, as OpenAI's jobs attach one: a row per training step with its loss, and the
+    validation loss at the steps where it was measured (the checkpoints)."""
+    valid = {c.step_number: c.metrics.get("valid_loss") for c in store.checkpoints(job_id)}
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["step", "train_loss", "valid_loss", "learning_rate"])
+    for event in reversed(store.events(job_id)):
+        if event.type != "metrics" or not event.data:
+            continue
+        step = event.data.get("step")
+        loss = valid.get(step) if isinstance(step, int) else None
+        writer.writerow(
+            [step, event.data.get("train_loss"), "" if loss is None else loss, event.data.get("learning_rate")]
+        )
+    return out.getvalue().encode()
 
 
 def adapter_name(model: str, suffix: str | None, job_id: str) -> str:
@@ -415,7 +437,12 @@ class JobRunner:
         )
 
     def _succeeded(self, job_id: str) -> None:
-        # The event first: a client that sees the status change finds it.
+        # The results file and the event first: a client that sees the status change finds both.
+        job = self.store.job(job_id, any_owner=True)
+        if job is not None and job.status == "running" and not job.result_files:
+            data = step_metrics_csv(self.store, job_id)
+            results = self.store.add_file(job.owner, "step_metrics.csv", RESULTS_PURPOSE, data, max_bytes=len(data))
+            self.store.update_job(job_id, only_if=("running",), result_files=[results.id])
         self.store.add_event(job_id, "The job has successfully completed")
         self.store.update_job(job_id, only_if=("running",), status="succeeded", finished_at=int(time.time()))
 

@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from types import FrameType
 
 import uvicorn
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from microserve.server.auth import is_public
-from microserve.server.errors import send_error
+from microserve.server.errors import StartWatch, send_error
 
 log = logging.getLogger(__name__)
 
@@ -118,20 +118,13 @@ class DrainMiddleware:
         entry = InFlight(asyncio.current_task())
         token = _current.set(entry)
         self.state.requests.add(entry)
-        started = False
-
-        async def tracking(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
+        watch = StartWatch(send)
         try:
-            await self.app(scope, receive, tracking)
+            await self.app(scope, receive, watch)
         except asyncio.CancelledError:
             if not was_cut(entry):
                 raise
-            if not started:
+            if not watch.started:
                 await send_error(
                     send, 503, CUT_MESSAGE, headers={"Connection": "close"}, code="shutting_down", path=scope["path"]
                 )

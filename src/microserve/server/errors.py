@@ -145,6 +145,19 @@ def install_error_handlers(app: FastAPI) -> None:
         return ErrorJSON(body_for(request.url.path, 500, message), status_code=500)
 
 
+class StartWatch:
+    """A ``send`` that notes whether the response has started: after that, no error reply can be sent."""
+
+    def __init__(self, send: Send) -> None:
+        self.send = send
+        self.started = False
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.started = True
+        await self.send(message)
+
+
 class UnhandledErrorMiddleware:
     """Answers an exception that no handler took with a 500 error body, and keeps the connection open.
 
@@ -161,18 +174,11 @@ class UnhandledErrorMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started = False
-
-        async def tracking(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
+        watch = StartWatch(send)
         try:
-            await self.app(scope, receive, tracking)
+            await self.app(scope, receive, watch)
         except Exception as exc:
-            if started:
+            if watch.started:
                 raise
             log.exception("unhandled error")
             await send_error(send, 500, f"internal error: {type(exc).__name__}: {exc}", path=scope.get("path", ""))
