@@ -20,6 +20,7 @@ from microserve.engines.base import (
     ModelInfo,
     TokenLogprob,
 )
+from microserve.engines.llamacpp.batch_sampling import RowSampler
 from microserve.engines.llamacpp.grammar import GrammarCache, install_log_capture
 from microserve.engines.llamacpp.sampling import SequenceSampler, build_sampler
 from microserve.engines.llamacpp.scheduler import Admitted, Event, Failure, Scheduler, Sequence, Token
@@ -165,6 +166,7 @@ class LlamaCppEngine:
             prefix_cache=cfg.prefix_cache,
             sampler_factory=partial(self._sampler_for, penalty_window=n_ctx_seq),
             eog_ids=self._eog,
+            n_vocab=n_vocab,
         )
         log.info(
             "loaded %s (%s): %d slots x %d tokens, %d threads, batch %d",
@@ -176,7 +178,7 @@ class LlamaCppEngine:
             cfg.batch_size,
         )
 
-    def _sampler_for(self, seq: Sequence, *, penalty_window: int) -> SequenceSampler:
+    def _sampler_for(self, seq: Sequence, *, penalty_window: int) -> RowSampler | SequenceSampler:
         # Runs on the engine thread at admission; the grammar was parsed and cached when the request was checked.
         assert self._grammars is not None
         grammar = self._grammars.instance(seq.grammar, seq.grammar_triggers) if seq.grammar else None
@@ -187,6 +189,7 @@ class LlamaCppEngine:
             penalty_window=penalty_window,
             grammar=grammar,
             top_logprobs=seq.top_logprobs,
+            choice=seq.choice,
         )
 
     def _warm_up(self, ctx: L.llama_context_p) -> None:
@@ -307,6 +310,7 @@ class LlamaCppEngine:
                     grammar_triggers=request.grammar_triggers,
                     top_logprobs=request.logprobs,
                     fork_from=seqs[0] if index else None,
+                    choice=index,
                 )
             )
         texts = [TextAssembler(self.piece, request.stop) for _ in range(n)]

@@ -2,7 +2,7 @@
 
 One thread owns the context. Each step it admits waiting sequences into free slots (reusing the slot whose cached
 tokens share the longest prefix with the prompt), packs the next token of every running sequence plus bounded
-chunks of pending prompts into a single ``llama_decode``, samples each sequence with its own sampler chain, and
+chunks of pending prompts into a single ``llama_decode``, samples every sequence from the step's logits, and
 posts the sampled tokens to the requests' asyncio queues in one ``call_soon_threadsafe`` per step. It never waits
 on the event loop.
 """
@@ -24,7 +24,8 @@ from typing import Protocol
 import llama_cpp as L
 
 from microserve.engines.base import EngineStats, SamplingParams
-from microserve.engines.llamacpp.sampling import SequenceSampler
+from microserve.engines.llamacpp.batch_sampling import RowSampler
+from microserve.engines.llamacpp.sampling import SequenceSampler, StepSampler
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +77,11 @@ class Sequence:
     top_logprobs: int | None = None
     # A sibling choice of the same prompt: this sequence waits for it to prefill, then copies its prompt's KV.
     fork_from: Sequence | None = None
+    # Which of the request's choices this is: sets its random generator apart from its siblings'.
+    choice: int = 0
     cancelled: bool = False
     slot: Slot | None = None
-    sampler: SequenceSampler | None = None
+    sampler: RowSampler | SequenceSampler | None = None
     prefilled: int = 0
     generated: int = 0
     next_token: int = -1
@@ -157,8 +160,9 @@ class Scheduler:
         batch_size: int,
         prefill_chunk: int | None = None,
         prefix_cache: bool = True,
-        sampler_factory: Callable[[Sequence], SequenceSampler],
+        sampler_factory: Callable[[Sequence], RowSampler | SequenceSampler],
         eog_ids: frozenset[int],
+        n_vocab: int,
     ) -> None:
         self._ctx = ctx
         self._mem = L.llama_get_memory(ctx)
@@ -169,6 +173,7 @@ class Scheduler:
         self._prefix_cache = prefix_cache
         self._batch = L.llama_batch_init(batch_size, 0, 1)
         self._make_sampler = sampler_factory
+        self._sampler = StepSampler(n_vocab)
         self._eog = eog_ids
         self._slots = [Slot(seq_id=i) for i in range(n_slots)]
         self._inbox: queue.SimpleQueue[Sequence | None] = queue.SimpleQueue()
@@ -181,6 +186,9 @@ class Scheduler:
         self._stopping = False
         self.steps = 0
         self.prefix_hit_tokens = 0
+        # Steps that carried no prompt token, and their time (decode and sampling): the per-step cost of decoding.
+        self.decode_steps = 0
+        self.decode_seconds = 0.0
 
     # -- called from the event loop ---------------------------------------------------------------------------
 
@@ -391,9 +399,11 @@ class Scheduler:
             return
         events: list[tuple[Sequence, Event]] = []
         finished: list[Sequence] = []
+        rows: list[tuple[RowSampler | SequenceSampler, int]] = []
         for seq, idx in sample_at:
             assert seq.sampler is not None
-            sampled = seq.sampler.sample(self._ctx, idx)
+            rows.append((seq.sampler, idx))
+        for (seq, _), sampled in zip(sample_at, self._sampler.sample(self._ctx, rows), strict=True):
             if sampled is None:
                 events.append((seq, Token(-1, "stop")))
                 finished.append(seq)
@@ -410,7 +420,11 @@ class Scheduler:
                 finished.append(seq)
             else:
                 seq.next_token = token
-        self._budget.observe(decoding, n - decoding, time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        self._budget.observe(decoding, n - decoding, elapsed)
+        if n == decoding:
+            self.decode_steps += 1
+            self.decode_seconds += elapsed
         # Release before posting, so that a client that sees its last token also sees its slot free.
         for seq in finished:
             self._release(seq)
@@ -439,9 +453,9 @@ class Scheduler:
             seq.slot.seq = None
             seq.slot.last_used = next(self._clock)
             seq.slot = None
-        if seq.sampler is not None:
+        if isinstance(seq.sampler, SequenceSampler):
             seq.sampler.free()
-            seq.sampler = None
+        seq.sampler = None
 
     @staticmethod
     def _post(events: list[tuple[Sequence, Event]]) -> None:
