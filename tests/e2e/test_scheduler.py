@@ -164,3 +164,37 @@ def test_the_least_recently_used_prefix_is_evicted(two_slots: LlamaCppEngine, lo
         assert 0 < stats.kv_used <= stats.kv_total
 
     loop.run_until_complete(main())
+
+
+def test_a_seeded_request_repeats_whatever_else_runs_beside_it(
+    two_slots: LlamaCppEngine, loop: asyncio.AbstractEventLoop
+) -> None:
+    def sampled(text: str, seed: int | None, n: int = 1) -> GenerationRequest:
+        params = SamplingParams(max_tokens=24, temperature=1.0, top_p=0.95, seed=seed, ignore_eos=True)
+        return GenerationRequest(text[:16], two_slots.tokenize(text, add_special=False), params, n=n)
+
+    async def tokens(req: GenerationRequest) -> dict[int, list[int]]:
+        out: dict[int, list[int]] = {}
+        async for delta in two_slots.generate(req):
+            out.setdefault(delta.index, []).extend(delta.token_ids)
+        return out
+
+    async def main() -> tuple[list[int], list[int], dict[int, list[int]], dict[int, list[int]]]:
+        story = "Write a story about a fox who finds a key:"
+        alone = (await tokens(sampled(story, seed=42)))[0]
+        # The same request again, batched with an unseeded neighbour that starts first and one that starts after.
+        neighbour = asyncio.create_task(tokens(sampled("A recipe for bread, step by step:", seed=None)))
+        await asyncio.sleep(0.05)
+        again = asyncio.create_task(tokens(sampled(story, seed=42)))
+        await asyncio.sleep(0.05)
+        late = asyncio.create_task(tokens(sampled("Ten facts about the moon:", seed=None)))
+        beside = (await again)[0]
+        await asyncio.gather(neighbour, late)
+        choices = await tokens(sampled(story, seed=7, n=2))
+        repeated = await tokens(sampled(story, seed=7, n=2))
+        return alone, beside, choices, repeated
+
+    alone, beside, choices, repeated = loop.run_until_complete(main())
+    assert len(alone) == 24 and beside == alone
+    # The choices of one seeded request differ from each other, and each repeats with the request.
+    assert choices[0] != choices[1] and choices == repeated

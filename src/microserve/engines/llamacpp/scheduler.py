@@ -186,9 +186,10 @@ class Scheduler:
         self._stopping = False
         self.steps = 0
         self.prefix_hit_tokens = 0
-        # Steps that carried no prompt token, and their time (decode and sampling): the per-step cost of decoding.
+        # Steps that carried no prompt token, their time (decode and sampling) and the sampling's share of it.
         self.decode_steps = 0
         self.decode_seconds = 0.0
+        self.sample_seconds = 0.0
 
     # -- called from the event loop ---------------------------------------------------------------------------
 
@@ -397,6 +398,7 @@ class Scheduler:
         if rc != 0:
             self._fail_batch(sample_at, rc)
             return
+        decoded = time.perf_counter()
         events: list[tuple[Sequence, Event]] = []
         finished: list[Sequence] = []
         rows: list[tuple[RowSampler | SequenceSampler, int]] = []
@@ -425,6 +427,7 @@ class Scheduler:
         if n == decoding:
             self.decode_steps += 1
             self.decode_seconds += elapsed
+            self.sample_seconds += started + elapsed - decoded
         # Release before posting, so that a client that sees its last token also sees its slot free.
         for seq in finished:
             self._release(seq)
