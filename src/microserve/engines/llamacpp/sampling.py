@@ -232,18 +232,16 @@ class StepSampler:
     ) -> list[Sampled | None]:
         """One result per row, in order; None where no token is allowed.
 
-        ``rows`` pairs each sequence's sampler with the batch index of its token. They are all of the batch's rows
-        with logits, in batch order, which is the order of the rows of ``llama_get_logits``.
+        ``rows`` pairs each sequence's sampler with the batch index of its token. A plain sequence's row of logits
+        is shaped in place (it is the sequence's own, and the next decode overwrites it).
         """
         results: list[Sampled | None] = []
-        block: np.ndarray | None = None
-        for i, (sampler, idx) in enumerate(rows):
+        for sampler, idx in rows:
             if isinstance(sampler, SequenceSampler):
                 results.append(sampler.sample(ctx, idx))
                 continue
-            if block is None:
-                block = np.ctypeslib.as_array(L.llama_get_logits(ctx), shape=(len(rows), self._n_vocab))
-            row = block[i]
+            # llama.cpp maps the batch index to its row: scored prompt positions have rows of their own too.
+            row = np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, idx), shape=(self._n_vocab,))
             sampler.shape(row)
             token = sampler.pick(row, self._scratch)
             if token is None:
