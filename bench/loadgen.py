@@ -198,6 +198,46 @@ async def run_load(
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
         t1 = time.perf_counter()
 
+    return _summarise(results, concurrency, n_requests, t0, t1)
+
+
+async def run_payloads(
+    base_url: str,
+    path: str,
+    payloads: Sequence[Mapping[str, Any]],
+    concurrency: int,
+    *,
+    timeout_s: float = 600.0,
+) -> LoadResult:
+    """Send every payload once, streamed, to ``path`` from ``concurrency`` closed-loop workers, in list order.
+
+    Unlike :func:`run_load` each request carries its own body (prompt, length, sampling), so a mixed load is the
+    same list for every server it is run against. Completion tokens come from the streamed usage when the payload
+    asks for it (``stream_options.include_usage``): a server that coalesces tokens into fewer chunks is not
+    undercounted.
+    """
+    if not payloads:
+        raise ValueError("no payloads")
+    url = base_url.rstrip("/") + path
+    next_index = 0
+    results: list[RequestResult] = []
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        nonlocal next_index
+        while next_index < len(payloads):
+            i = next_index
+            next_index += 1
+            results.append(await _one_request(client, url, dict(payloads[i])))
+
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(timeout_s, connect=30.0)) as client:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+        t1 = time.perf_counter()
+    return _summarise(results, concurrency, len(payloads), t0, t1)
+
+
+def _summarise(results: list[RequestResult], concurrency: int, n_requests: int, t0: float, t1: float) -> LoadResult:
     ok = [r for r in results if r.ok]
     wall = (max(r.end for r in results) - t0) if results else t1 - t0
     tokens = sum(r.completion_tokens for r in ok)

@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import llama_cpp as L
 import pytest
 
 from microserve.catalog.manifest import find_builtin
@@ -15,10 +16,11 @@ from microserve.engines.llamacpp.engine import LlamaCppConfig, LlamaCppEngine
 from microserve.settings import Settings
 
 
-def model_path() -> str:
+def model_path(profile_id: str | None = None) -> str:
     manifest = find_builtin("smollm2-135m-instruct")
     assert manifest is not None
-    return str(ModelStore(Settings().cache_dir).ensure(manifest))
+    profile = next(p for p in manifest.profiles if p.id == profile_id) if profile_id else None
+    return str(ModelStore(Settings().cache_dir).ensure(manifest, profile))
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +30,9 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
     loop.close()
 
 
-def make_engine(loop: asyncio.AbstractEventLoop, **config: Any) -> LlamaCppEngine:
-    engine = LlamaCppEngine(LlamaCppConfig(path=model_path(), model_id="smollm", context_length=512, **config))
+def make_engine(loop: asyncio.AbstractEventLoop, profile_id: str | None = None, **config: Any) -> LlamaCppEngine:
+    path = model_path(profile_id)
+    engine = LlamaCppEngine(LlamaCppConfig(path=path, model_id="smollm", context_length=512, **config))
     loop.run_until_complete(engine.start())
     return engine
 
@@ -44,6 +47,15 @@ def one_slot(loop: asyncio.AbstractEventLoop) -> Iterator[LlamaCppEngine]:
 @pytest.fixture(scope="module")
 def two_slots(loop: asyncio.AbstractEventLoop) -> Iterator[LlamaCppEngine]:
     engine = make_engine(loop, parallel=2)
+    yield engine
+    loop.run_until_complete(engine.shutdown())
+
+
+@pytest.fixture(scope="module")
+def two_slots_q4_1(loop: asyncio.AbstractEventLoop) -> Iterator[LlamaCppEngine]:
+    # The shipped Q4_1 file: its integer dot products give a row the same logits whatever else is in the batch,
+    # which the F16 default's float kernels do not, so a seeded sample can repeat beside other requests.
+    engine = make_engine(loop, "llamacpp-cpu-q4_1", parallel=2)
     yield engine
     loop.run_until_complete(engine.shutdown())
 
@@ -164,3 +176,75 @@ def test_the_least_recently_used_prefix_is_evicted(two_slots: LlamaCppEngine, lo
         assert 0 < stats.kv_used <= stats.kv_total
 
     loop.run_until_complete(main())
+
+
+def test_a_seeded_request_repeats_whatever_else_runs_beside_it(
+    two_slots_q4_1: LlamaCppEngine, loop: asyncio.AbstractEventLoop
+) -> None:
+    def sampled(text: str, seed: int | None, n: int = 1) -> GenerationRequest:
+        params = SamplingParams(max_tokens=24, temperature=1.0, top_p=0.95, seed=seed, ignore_eos=True)
+        return GenerationRequest(text[:16], two_slots_q4_1.tokenize(text, add_special=False), params, n=n)
+
+    async def tokens(req: GenerationRequest) -> dict[int, list[int]]:
+        out: dict[int, list[int]] = {}
+        async for delta in two_slots_q4_1.generate(req):
+            out.setdefault(delta.index, []).extend(delta.token_ids)
+        return out
+
+    async def main() -> tuple[list[int], list[int], dict[int, list[int]], dict[int, list[int]]]:
+        story = "Write a story about a fox who finds a key:"
+        alone = (await tokens(sampled(story, seed=42)))[0]
+        # The same request again, batched with an unseeded neighbour that starts first and one that starts after.
+        neighbour = asyncio.create_task(tokens(sampled("A recipe for bread, step by step:", seed=None)))
+        await asyncio.sleep(0.05)
+        again = asyncio.create_task(tokens(sampled(story, seed=42)))
+        await asyncio.sleep(0.05)
+        late = asyncio.create_task(tokens(sampled("Ten facts about the moon:", seed=None)))
+        beside = (await again)[0]
+        await asyncio.gather(neighbour, late)
+        choices = await tokens(sampled(story, seed=7, n=2))
+        repeated = await tokens(sampled(story, seed=7, n=2))
+        return alone, beside, choices, repeated
+
+    alone, beside, choices, repeated = loop.run_until_complete(main())
+    assert len(alone) == 24 and beside == alone
+    # The choices of one seeded request differ from each other, and each repeats with the request.
+    assert choices[0] != choices[1] and choices == repeated
+
+
+def test_each_slot_holds_its_own_tokens_from_position_zero(
+    two_slots: LlamaCppEngine, loop: asyncio.AbstractEventLoop
+) -> None:
+    # A decode step attends over the cells in use, not over the context: each slot is a stream of its own (a
+    # sequence's cells never interleave with another's) and holds exactly the tokens it caches, from position 0.
+    # A larger context then costs nothing per step while the same tokens are in use.
+    scheduler = two_slots._scheduler
+    ctx = two_slots._ctx
+    assert scheduler is not None and ctx is not None
+
+    async def main() -> None:
+        await asyncio.gather(
+            collect(two_slots.generate(request(two_slots, "A long story about a lighthouse keeper and", 12))),
+            collect(two_slots.generate(request(two_slots, "Two plus two is", 3, ignore_eos=True))),
+        )
+        await settle(two_slots)
+
+    loop.run_until_complete(main())
+
+    def placement() -> tuple[int, list[tuple[int, int, int]]]:
+        mem = L.llama_get_memory(ctx)
+        spans = [
+            (
+                len(slot.tokens),
+                L.llama_memory_seq_pos_min(mem, slot.seq_id),
+                L.llama_memory_seq_pos_max(mem, slot.seq_id),
+            )
+            for slot in scheduler._slots
+        ]
+        return L.llama_n_ctx_seq(ctx), spans
+
+    n_ctx_seq, spans = scheduler.call(placement).result(timeout=30)
+    assert n_ctx_seq == 512  # each sequence has a full slot's context of its own, not a share of a unified cache
+    assert sorted(n for n, _, _ in spans)[0] > 0
+    for n, first, last in spans:
+        assert (first, last) == (0, n - 1)

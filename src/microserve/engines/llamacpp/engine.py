@@ -24,6 +24,7 @@ from microserve.engines.base import (
     PromptSegment,
     TokenLogprob,
 )
+from microserve.engines.llamacpp.batch_sampling import RowSampler
 from microserve.engines.llamacpp.grammar import GrammarCache
 from microserve.engines.llamacpp.log import install_log_capture
 from microserve.engines.llamacpp.lora import AdapterUnavailable, LoraSet
@@ -213,7 +214,7 @@ class LlamaCppEngine:
             cfg.batch_size,
         )
 
-    def _sampler_for(self, seq: Sequence, *, penalty_window: int) -> SequenceSampler:
+    def _sampler_for(self, seq: Sequence, *, penalty_window: int) -> RowSampler | SequenceSampler:
         # Runs on the engine thread at admission; the grammar was parsed and cached when the request was checked.
         assert self._grammars is not None
         grammar = self._grammars.instance(seq.grammar, seq.grammar_triggers) if seq.grammar else None
@@ -224,6 +225,7 @@ class LlamaCppEngine:
             penalty_window=penalty_window,
             grammar=grammar,
             top_logprobs=seq.top_logprobs,
+            choice=seq.choice,
         )
 
     def _warm_up(self, ctx: L.llama_context_p) -> None:
@@ -441,6 +443,7 @@ class LlamaCppEngine:
                     adapter=request.adapter,
                     prompt_logprobs=request.prompt_logprobs if index == 0 else None,
                     fork_from=seqs[0] if index else None,
+                    choice=index,
                 )
             )
         texts = [TextAssembler(self.piece, request.stop) for _ in range(n)]

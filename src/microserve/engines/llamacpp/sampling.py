@@ -1,7 +1,7 @@
-"""llama.cpp sampler chains built from request parameters, and the per-sequence sampling step.
+"""The sampling step of a batch, and llama.cpp sampler chains for the sequences that need them.
 
-Plain requests sample with one ``llama_sampler_sample`` call: all per-vocabulary work (penalties, biases, top-k/p,
-the draw) happens inside llama.cpp and Python only assembles the chain once per request.
+Plain requests (no grammar, no logprobs) are sampled by :mod:`.batch_sampling`, with numpy on the step's logits
+array: the exact distribution of llama.cpp's chain, without a per-sequence copy of the vocabulary.
 
 Requests with a grammar or with logprobs take the *inspected* path: the chain's shaping stages (bias, penalties,
 grammar, top-k/p, min-p, temperature) are applied to a candidate array this module owns, the draw is made by a
@@ -18,15 +18,15 @@ from __future__ import annotations
 
 import ctypes
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import llama_cpp as L
 import numpy as np
 
 from microserve.engines.base import SamplingParams
+from microserve.engines.llamacpp.batch_sampling import RowSampler, has_penalties, request_biases
 
-_NEG_INF = float("-inf")
 _CANDIDATE = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
 assert _CANDIDATE.itemsize == ctypes.sizeof(L.llama_token_data)
 
@@ -41,34 +41,26 @@ class Sampled:
 
 
 class SequenceSampler:
-    """The sampling state of one sequence; the caller frees it with :meth:`free` on the engine thread.
+    """The sampling state of one inspected sequence; the caller frees it with :meth:`free` on the engine thread.
 
-    ``chain`` holds the shaping stages (and, on the plain path, the draw); ``pick`` is the separate draw of the
-    inspected path. With a grammar and no logprobs, ``fast`` is the same chain without the grammar: a token drawn
-    from it and accepted by the grammar is kept (one candidate checked instead of the whole vocabulary, as
-    llama-server does); otherwise the token is drawn again with the grammar applied. Greedy picks are unchanged by
-    this, and sampled ones follow the masked distribution exactly when no top-k/p truncation is involved.
+    ``chain`` holds the shaping stages; ``pick`` is the separate draw. With a grammar and no logprobs, ``fast`` is
+    the same chain without the grammar: a token drawn from it and accepted by the grammar is kept (one candidate
+    checked instead of the whole vocabulary, as llama-server does); otherwise the token is drawn again with the
+    grammar applied. Greedy picks are unchanged by this, and sampled ones follow the masked distribution exactly
+    when no top-k/p truncation is involved.
     """
 
     def __init__(
         self,
         chain: L.llama_sampler_p,
         *,
-        pick: L.llama_sampler_p | None,
+        pick: L.llama_sampler_p,
         n_vocab: int,
         top_logprobs: int | None,
         grammar: L.llama_sampler_p | None = None,
         fast: L.llama_sampler_p | None = None,
-        greedy_bias: dict[int, float] | None = None,
     ) -> None:
         self._chain = chain
-        # A plain greedy sequence (bias at most: no penalties, grammar or logprobs) takes the argmax of the logits
-        # itself. llama.cpp's sampler first copies the whole vocabulary into a candidate array on every token, which
-        # on a 262k-token vocabulary costs more than the argmax; the pick is the same (the first highest logit).
-        self._greedy = greedy_bias is not None
-        bias = greedy_bias or {}
-        self._bias_ids = np.fromiter(bias.keys(), dtype=np.int64, count=len(bias))
-        self._bias_values = np.fromiter(bias.values(), dtype=np.float32, count=len(bias))
         self._pick = pick
         self._n_vocab = n_vocab
         self._top = top_logprobs
@@ -76,11 +68,6 @@ class SequenceSampler:
         self._fast = fast
         self._candidates: np.ndarray | None = None
         self._one = np.empty(1, dtype=_CANDIDATE)
-
-    @property
-    def inspected(self) -> bool:
-        """True when sampling goes through the candidate array (grammar or logprobs)."""
-        return self._pick is not None
 
     def _fill(self, ctx: L.llama_context_p, idx: int) -> L.llama_token_data_array:
         n = self._n_vocab
@@ -122,14 +109,6 @@ class SequenceSampler:
 
     def sample(self, ctx: L.llama_context_p, idx: int) -> Sampled | None:
         """Sample from the logits at batch index ``idx``; None when no token is allowed (a dead-end grammar)."""
-        if self._greedy:
-            logits = np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, idx), shape=(self._n_vocab,))
-            if len(self._bias_ids):
-                logits = logits.copy()
-                logits[self._bias_ids] += self._bias_values
-            return Sampled(int(np.argmax(logits)))
-        if self._pick is None:
-            return Sampled(L.llama_sampler_sample(self._chain, ctx, idx))
         if self._fast is not None:
             token = self._try_fast(ctx, idx)
             if token is not None:
@@ -168,8 +147,7 @@ class SequenceSampler:
         L.llama_sampler_free(self._chain)
         if self._fast is not None:
             L.llama_sampler_free(self._fast)
-        if self._pick is not None:
-            L.llama_sampler_free(self._pick)
+        L.llama_sampler_free(self._pick)
         self._candidates = None
 
 
@@ -183,11 +161,11 @@ def _add_shaping(
     grammar: L.llama_sampler_p | None,
 ) -> None:
     """Bias, penalties, the grammar (if any) and, unless greedy, truncation and temperature."""
-    biases = _biases(params, eog_ids)
+    biases = request_biases(params, eog_ids)
     if biases:
         array = (L.llama_logit_bias * len(biases))(*(L.llama_logit_bias(t, b) for t, b in biases.items()))
         L.llama_sampler_chain_add(chain, L.llama_sampler_init_logit_bias(n_vocab, len(biases), array))
-    if _has_penalties(params):
+    if has_penalties(params):
         L.llama_sampler_chain_add(
             chain,
             L.llama_sampler_init_penalties(
@@ -211,20 +189,6 @@ def _add_shaping(
     L.llama_sampler_chain_add(chain, L.llama_sampler_init_temp(params.temperature))
 
 
-def _biases(params: SamplingParams, eog_ids: Iterable[int]) -> dict[int, float]:
-    """The request's logit bias, with end-of-generation tokens banned outright under ``ignore_eos``, as
-    llama-server does, so the sequence runs to max_tokens. With a grammar this ends the sequence once the grammar
-    is complete (nothing else is allowed then)."""
-    biases = {int(t): float(b) for t, b in params.logit_bias.items()}
-    if params.ignore_eos:
-        biases.update({token: _NEG_INF for token in eog_ids})
-    return biases
-
-
-def _has_penalties(params: SamplingParams) -> bool:
-    return params.repetition_penalty != 1.0 or bool(params.frequency_penalty) or bool(params.presence_penalty)
-
-
 def build_sampler(
     params: SamplingParams,
     *,
@@ -233,10 +197,14 @@ def build_sampler(
     penalty_window: int,
     grammar: L.llama_sampler_p | None = None,
     top_logprobs: int | None = None,
-) -> SequenceSampler:
+    choice: int = 0,
+) -> RowSampler | SequenceSampler:
     """The sampler of one sequence; ``grammar`` (owned from here on) constrains it, ``top_logprobs`` asks for
-    logprobs with that many alternatives (0: the sampled token's only)."""
+    logprobs with that many alternatives (0: the sampled token's only). Without either, the numpy row sampler,
+    whose generator ``choice`` (the index among the request's ``n``) sets apart from its siblings'."""
     eog = list(eog_ids)
+    if grammar is None and top_logprobs is None:
+        return RowSampler(params, n_vocab=n_vocab, eog_ids=eog, penalty_window=penalty_window, choice=choice)
     shaping = {"n_vocab": n_vocab, "eog_ids": eog, "penalty_window": penalty_window}
     chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
     _add_shaping(chain, params, grammar=grammar, **shaping)  # type: ignore[arg-type]
@@ -245,13 +213,40 @@ def build_sampler(
     else:
         seed = params.seed if params.seed is not None else random.getrandbits(32)
         pick = L.llama_sampler_init_dist(seed & 0xFFFFFFFF)
-    if grammar is None and top_logprobs is None:
-        L.llama_sampler_chain_add(chain, pick)
-        # A greedy sequence that needs nothing but its bias skips the chain (see SequenceSampler).
-        greedy_bias = _biases(params, eog) if params.temperature <= 0.0 and not _has_penalties(params) else None
-        return SequenceSampler(chain, pick=None, n_vocab=n_vocab, top_logprobs=None, greedy_bias=greedy_bias)
     fast = None
     if grammar is not None and top_logprobs is None:
         fast = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
         _add_shaping(fast, params, grammar=None, **shaping)  # type: ignore[arg-type]
     return SequenceSampler(chain, pick=pick, n_vocab=n_vocab, top_logprobs=top_logprobs, grammar=grammar, fast=fast)
+
+
+class StepSampler:
+    """Samples one step's rows: plain sequences on the step's logits array, the others through their chains."""
+
+    def __init__(self, n_vocab: int) -> None:
+        self._n_vocab = n_vocab
+        self._scratch = np.empty(n_vocab, dtype=np.float32)
+
+    def sample(
+        self, ctx: L.llama_context_p, rows: Sequence[tuple[RowSampler | SequenceSampler, int]]
+    ) -> list[Sampled | None]:
+        """One result per row, in order; None where no token is allowed.
+
+        ``rows`` pairs each sequence's sampler with the batch index of its token. A plain sequence's row of logits
+        is shaped in place (it is the sequence's own, and the next decode overwrites it).
+        """
+        results: list[Sampled | None] = []
+        for sampler, idx in rows:
+            if isinstance(sampler, SequenceSampler):
+                results.append(sampler.sample(ctx, idx))
+                continue
+            # llama.cpp maps the batch index to its row: scored prompt positions have rows of their own too.
+            row = np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, idx), shape=(self._n_vocab,))
+            sampler.shape(row)
+            token = sampler.pick(row, self._scratch)
+            if token is None:
+                results.append(None)
+                continue
+            sampler.accept(token)
+            results.append(Sampled(token))
+        return results

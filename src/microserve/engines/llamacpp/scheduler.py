@@ -2,7 +2,7 @@
 
 One thread owns the context. Each step it admits waiting sequences into free slots (reusing the slot whose cached
 tokens share the longest prefix with the prompt), packs the next token of every running sequence plus bounded
-chunks of pending prompts into a single ``llama_decode``, samples each sequence with its own sampler chain, and
+chunks of pending prompts into a single ``llama_decode``, samples every sequence from the step's logits, and
 posts the sampled tokens to the requests' asyncio queues in one ``call_soon_threadsafe`` per step. It never waits
 on the event loop.
 """
@@ -25,9 +25,10 @@ from typing import Any, Protocol, cast
 import llama_cpp as L
 
 from microserve.engines.base import EngineStats, SamplingParams
+from microserve.engines.llamacpp.batch_sampling import RowSampler
 from microserve.engines.llamacpp.lora import AdapterUnavailable, LoraSet
 from microserve.engines.llamacpp.prompt_scoring import Score, score_rows
-from microserve.engines.llamacpp.sampling import SequenceSampler
+from microserve.engines.llamacpp.sampling import SequenceSampler, StepSampler
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +98,11 @@ class Sequence:
     prompt_scores: list[Score] = field(default_factory=list)
     # A sibling choice of the same prompt: this sequence waits for it to prefill, then copies its prompt's KV.
     fork_from: Sequence | None = None
+    # Which of the request's choices this is: sets its random generator apart from its siblings'.
+    choice: int = 0
     cancelled: bool = False
     slot: Slot | None = None
-    sampler: SequenceSampler | None = None
+    sampler: RowSampler | SequenceSampler | None = None
     prefilled: int = 0
     generated: int = 0
     next_token: int = -1
@@ -189,7 +192,7 @@ class Scheduler:
         batch_size: int,
         prefill_chunk: int | None = None,
         prefix_cache: bool = True,
-        sampler_factory: Callable[[Sequence], SequenceSampler],
+        sampler_factory: Callable[[Sequence], RowSampler | SequenceSampler],
         eog_ids: frozenset[int],
         loras: LoraSet | None = None,
     ) -> None:
@@ -203,6 +206,7 @@ class Scheduler:
         self._prefix_cache = prefix_cache
         self._batch = L.llama_batch_init(batch_size, 0, 1)
         self._make_sampler = sampler_factory
+        self._sampler = StepSampler(n_vocab)
         self._eog = eog_ids
         self._slots = [Slot(seq_id=i) for i in range(n_slots)]
         self._inbox: queue.SimpleQueue[Sequence | Call | None] = queue.SimpleQueue()
@@ -227,6 +231,10 @@ class Scheduler:
         self._stopping = False
         self.steps = 0
         self.prefix_hit_tokens = 0
+        # Steps that carried no prompt token, their time (decode and sampling) and the sampling's share of it.
+        self.decode_steps = 0
+        self.decode_seconds = 0.0
+        self.sample_seconds = 0.0
 
     # -- called from the event loop ---------------------------------------------------------------------------
 
@@ -522,8 +530,10 @@ class Scheduler:
         if rc != 0:
             self._fail_batch(sample_at, rc)
             return
+        decoded = time.perf_counter()
         events: list[tuple[Sequence, Event]] = []
         finished: list[Sequence] = []
+        rows: list[tuple[RowSampler | SequenceSampler, int]] = []
         if score_at:
             events += self._score(score_at)
         for seq in prefill_only:
@@ -531,7 +541,8 @@ class Scheduler:
             finished.append(seq)
         for seq, idx in sample_at:
             assert seq.sampler is not None
-            sampled = seq.sampler.sample(self._ctx, idx)
+            rows.append((seq.sampler, idx))
+        for (seq, _), sampled in zip(sample_at, self._sampler.sample(self._ctx, rows), strict=True):
             if sampled is None:
                 events.append((seq, Token(-1, "stop")))
                 finished.append(seq)
@@ -548,7 +559,12 @@ class Scheduler:
                 finished.append(seq)
             else:
                 seq.next_token = token
-        self._budget.observe(decoding, n - decoding, time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        self._budget.observe(decoding, n - decoding, elapsed)
+        if n == decoding:
+            self.decode_steps += 1
+            self.decode_seconds += elapsed
+            self.sample_seconds += started + elapsed - decoded
         # Release before posting, so that a client that sees its last token also sees its slot free.
         for seq in finished:
             self._release(seq)
@@ -606,9 +622,9 @@ class Scheduler:
             seq.slot.seq = None
             seq.slot.last_used = next(self._clock)
             seq.slot = None
-        if seq.sampler is not None:
+        if isinstance(seq.sampler, SequenceSampler):
             seq.sampler.free()
-            seq.sampler = None
+        seq.sampler = None
         if seq.adapter is not None and self._loras is not None:
             self._loras.release_forgotten(self.adapters_in_use())
 
