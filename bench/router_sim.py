@@ -276,12 +276,13 @@ class Simulation:
         extra_overhead_s: float = 0.0,
         keys: KeyCache | None = None,
         model: str = "smollm2-135m-instruct",
+        first_user: int = 0,
     ) -> None:
         self.replicas = {f"r{i}": SimReplica(f"r{i}", costs, self) for i in range(replicas)}
         self.policy = policy
         self.costs = costs
         self.workload = workload
-        self.users = users
+        self.users = range(first_user, first_user + users)
         self.duration_s = duration_s
         self.overhead_s = costs.request_s + extra_overhead_s
         self.keys = keys or KeyCache()
@@ -297,7 +298,7 @@ class Simulation:
 
     def run(self) -> list[Record]:
         """Simulate until no question is left to send and every reply has finished."""
-        for u in range(self.users):
+        for u in self.users:
             conversations = self.workload.conversations(u)
             self.at(self.workload.start_s(u), lambda t, u=u, c=conversations: self._start(t, u, c))
         while self._events:
@@ -357,8 +358,9 @@ class Simulation:
         self.at(now, lambda w: replica.submit(request, w))
 
 
-def summarize(records: list[Record], warmup_s: float, duration_s: float) -> dict[str, Any]:
-    """The same figures as ``chat_workload.summarize`` for a real run."""
+def summarize(records: list[Record], warmup_s: float, duration_s: float, runs: int = 1) -> dict[str, Any]:
+    """The same figures as ``chat_workload.summarize`` for a real run (``runs``: records pooled from this many
+    independent runs, whose throughput is averaged)."""
     window = [r for r in records if warmup_s <= r.sent < duration_s and r.ttft is not None]
     ttfts = sorted((r.ttft or 0.0) * 1000 for r in window)
     done = [r for r in records if r.done is not None and warmup_s <= r.done < duration_s]
@@ -367,7 +369,7 @@ def summarize(records: list[Record], warmup_s: float, duration_s: float) -> dict
         "requests": len(window),
         "ttft_p50_ms": percentile(ttfts, 50),
         "ttft_p90_ms": percentile(ttfts, 90),
-        "tok_s": sum(r.completion_tokens for r in done) / (duration_s - warmup_s),
+        "tok_s": sum(r.completion_tokens for r in done) / (duration_s - warmup_s) / runs,
         "cached_fraction": sum(r.cached_tokens for r in window) / max(1, sum(r.prompt_tokens for r in window)),
         "later_turns_with_cache": sum(1 for r in later if r.cached_tokens > 0) / len(later) if later else math.nan,
     }
@@ -375,7 +377,10 @@ def summarize(records: list[Record], warmup_s: float, duration_s: float) -> dict
 
 POLICIES: dict[str, Callable[[int, argparse.Namespace], RoutingPolicy]] = {
     "prefix-aware": lambda seed, a: PrefixAwarePolicy(
-        rng=random.Random(seed), imbalance_threshold=a.imbalance_threshold, capacity_blocks=a.capacity_blocks
+        rng=random.Random(seed),
+        imbalance_threshold=a.imbalance_threshold,
+        capacity_blocks=a.capacity_blocks,
+        shared_threshold=a.shared_threshold,
     ),
     "least-loaded": lambda seed, a: LeastLoadedPolicy(rng=random.Random(seed)),
     "round-robin": lambda seed, a: RoundRobinPolicy(),
@@ -385,22 +390,34 @@ POLICIES: dict[str, Callable[[int, argparse.Namespace], RoutingPolicy]] = {
 def simulate(
     n: int, name: str, args: argparse.Namespace, costs: StepCosts, keys: KeyCache
 ) -> tuple[dict[str, Any], Counter[str], float]:
-    """One run: the summary, the policy's decision counts and the replicas' mean busy fraction."""
-    policy = POLICIES[name](args.seed, args)
-    spec = WorkloadSpec(seed=args.seed, think_s=args.think)
-    sim = Simulation(
-        n,
-        policy,
-        costs,
-        Workload(spec),
-        users=n * args.users_per_replica,
-        duration_s=args.duration,
-        extra_overhead_s=args.extra_overhead_ms / 1000,
-        keys=keys,
-    )
-    records = sim.run()
-    busy = sum(r.busy_s for r in sim.replicas.values()) / (n * max(r.done or 0 for r in records))
-    return summarize(records, args.warmup, args.duration), Counter(policy.counts), busy
+    """One configuration: the summary, the policy's decision counts and the replicas' mean busy fraction.
+
+    A single replica serves only a few users, so its figures depend on which users they are: N = 1 is the mean of
+    ``--single-groups`` runs, each with its own users, the baseline the other rows' throughput is compared with.
+    """
+    groups = args.single_groups if n == 1 else 1
+    users = round(n * args.users_per_replica)
+    records: list[Record] = []
+    counts: Counter[str] = Counter()
+    busy = 0.0
+    for group in range(groups):
+        policy = POLICIES[name](args.seed, args)
+        sim = Simulation(
+            n,
+            policy,
+            costs,
+            Workload(WorkloadSpec(seed=args.seed, think_s=args.think, system_prompts=args.system_prompts)),
+            users=users,
+            duration_s=args.duration,
+            extra_overhead_s=args.extra_overhead_ms / 1000,
+            keys=keys,
+            first_user=group * users,
+        )
+        mine = sim.run()
+        records += mine
+        counts.update(policy.counts)
+        busy += sum(r.busy_s for r in sim.replicas.values()) / (n * max(r.done or 0 for r in mine)) / groups
+    return summarize(records, args.warmup, args.duration, runs=groups), counts, busy
 
 
 def table(args: argparse.Namespace, costs: StepCosts) -> list[dict[str, Any]]:
@@ -493,7 +510,7 @@ def compare(args: argparse.Namespace, costs: StepCosts) -> None:
     args.think = run["spec"]["think_s"]
     args.duration, args.warmup = run["duration_s"], run["warmup_s"]
     n = args.replicas[0]
-    args.users_per_replica = run["users"] / n
+    args.users_per_replica = run["users"] / n  # for the record; the run's own user count is simulated
     measured = run["summary"]
     print(f"{run['users']} users on {n} replicas, {args.duration:g} s, warm-up {args.warmup:g} s")
     print("| router | source | TTFT p50 ms | TTFT p90 ms | tok/s | cached prompt share | later turns with cache |")
@@ -531,10 +548,13 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=300.0, help="Simulated seconds during which users ask.")
     parser.add_argument("--warmup", type=float, default=60.0)
     parser.add_argument("--think", type=float, default=WorkloadSpec().think_s)
+    parser.add_argument("--system-prompts", type=int, default=WorkloadSpec().system_prompts)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--single-groups", type=int, default=8, help="Runs averaged for the N = 1 baseline.")
     parser.add_argument("--slots", type=int, help="Sequence slots per replica (default: the measured server's).")
     parser.add_argument("--imbalance-threshold", type=int, default=4)
     parser.add_argument("--capacity-blocks", type=int, default=2048)
+    parser.add_argument("--shared-threshold", type=int, default=0)
     parser.add_argument("--extra-overhead-ms", type=float, default=0.0, help="Added per request (a router's hop).")
     parser.add_argument("--plot", type=Path, default=REPO / "docs" / "img" / "router-sim.png")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "router_sim.json")

@@ -117,6 +117,15 @@ def test_a_seen_prefix_goes_back_to_its_replica() -> None:
     assert decision.matched == 4
 
 
+def test_a_match_knows_whether_it_was_a_whole_prompt() -> None:
+    prefixes = ReplicaPrefixes(capacity_blocks=100)
+    turn1 = conversation(3, 1)
+    prefixes.add("a", key(turn1))
+    prefixes.add("b", key(turn1 + conversation(2, 2)))
+    match = prefixes.longest(key(turn1 + conversation(2, 7)), ["a", "b"])
+    assert (match.depth, match.holders, match.whole) == (3, {"a", "b"}, {"a"})
+
+
 def test_the_longest_prefix_wins_over_a_shorter_one() -> None:
     p = policy()
     shared = conversation(2, 0)  # a system prompt every conversation starts with
@@ -172,11 +181,30 @@ def test_no_prefix_is_placed_by_load() -> None:
     assert p.choose(PrefixKey(()), {"a": 0, "b": 9}).replica == "a"
 
 
-def test_a_match_below_the_minimum_fraction_counts_as_new() -> None:
-    p = policy(min_match_fraction=0.5)
-    p.routed("a", key(conversation(1, 0)))
-    decision = p.choose(key(conversation(1, 0) + conversation(3, 7)), {"a": 0, "b": 0, "c": 0})
-    assert decision.reason == "new_prefix"
+def test_a_shared_prefix_is_followed_only_when_it_costs_no_extra_wait() -> None:
+    # Conversations that share a system prompt: the holder of the system prompt alone (not of this conversation)
+    # gets a new conversation only when it is no busier than the power-of-two pick.
+    p = policy()
+    system = conversation(4, 0)
+    p.routed("a", key(system + conversation(2, 1)))
+    first_turn = key(system + conversation(2, 2))
+    assert p.choose(first_turn, {"a": 1, "b": 1}).reason == "shared_prefix"
+    decision = p.choose(first_turn, {"a": 2, "b": 1})
+    assert (decision.replica, decision.reason) == ("b", "new_prefix")
+    tolerant = policy(shared_threshold=1)
+    tolerant.routed("a", key(system + conversation(2, 1)))
+    assert tolerant.choose(first_turn, {"a": 2, "b": 1}).replica == "a"
+
+
+def test_a_next_turn_follows_its_history_where_a_shared_prefix_would_not() -> None:
+    p = policy(imbalance_threshold=4)
+    system = conversation(4, 0)
+    turn1 = system + conversation(2, 1)
+    p.routed("a", key(turn1))
+    # The same busier replica: the conversation's own next turn stays, another conversation's first turn does not.
+    queues = {"a": 3, "b": 0}
+    assert p.choose(key(turn1 + conversation(3, 8)), queues).reason == "prefix_hit"
+    assert p.choose(key(system + conversation(2, 9)), queues).replica == "b"
 
 
 def test_only_candidates_are_considered() -> None:
@@ -225,7 +253,7 @@ def test_state_is_bounded_per_replica_and_evicts_least_recent() -> None:
         prefixes.add("b", key(conversation(4, n)))
         assert prefixes.held("a") <= 10 and prefixes.held("b") <= 10
     assert len(prefixes) == 20
-    assert prefixes.longest(first, ["a", "b"]) == (0, set())
+    assert prefixes.longest(first, ["a", "b"]).depth == 0
     # The index shrinks with the LRUs: no hash is kept for a block that no replica holds any more.
     assert len(prefixes._holders) <= 20
 
@@ -235,8 +263,8 @@ def test_eviction_keeps_a_whole_prefix() -> None:
     long = key(conversation(5, 1))
     prefixes.add("a", long)
     prefixes.add("a", key(conversation(3, 2)))  # 8 blocks sent, 6 kept: two of the long prompt's tail go
-    depth, holders = prefixes.longest(long, ["a"])
-    assert (depth, holders) == (3, {"a"})
+    match = prefixes.longest(long, ["a"])
+    assert (match.depth, match.holders, match.whole) == (3, {"a"}, set())
 
 
 def test_resending_a_prefix_refreshes_it() -> None:
@@ -246,8 +274,8 @@ def test_resending_a_prefix_refreshes_it() -> None:
     prefixes.add("a", key(conversation(2, 2)))
     prefixes.add("a", keep)  # now the most recent
     prefixes.add("a", key(conversation(2, 3)))  # evicts conversation 2, not 1
-    assert prefixes.longest(keep, ["a"])[0] == 2
-    assert prefixes.longest(key(conversation(2, 2)), ["a"])[0] == 0
+    assert prefixes.longest(keep, ["a"]).depth == 2
+    assert prefixes.longest(key(conversation(2, 2)), ["a"]).depth == 0
 
 
 def test_policy_state_stays_bounded_under_many_conversations() -> None:

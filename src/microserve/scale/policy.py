@@ -1,20 +1,25 @@
 """Which replica serves a request: by prompt prefix, then by load. Pure Python, shared by the Ray router and the
 simulator in ``bench/router_sim.py``.
 
-The prefix-aware rule:
+The prefix-aware rule, for a request with a prefix key (see :mod:`microserve.scale.prefix`):
 
-1. Look up the request's prefix key (see :mod:`microserve.scale.prefix`) in what each candidate replica has been
-   sent. The replicas holding the longest prefix are the *holders*; the least loaded holder is the choice.
-2. Unless its queue is longer than the least loaded candidate's by more than ``imbalance_threshold``: then the
-   least loaded candidate takes the request (a *load fallback*), since waiting behind a long queue costs more than
-   recomputing the prefix.
-3. A prefix no candidate holds goes to the less loaded of two candidates picked at random (power of two choices):
-   it spreads new conversations as well as least-loaded does, without every router herding onto the same replica
-   when several route at once on slightly stale queue lengths. Between equally loaded replicas, the one holding
-   less cached prefix wins, so that conversations arriving one at a time still spread.
+1. Find the longest prefix of the key that a candidate replica was sent before; those replicas are its *holders*.
+2. If the match covers a whole earlier prompt (a conversation's next turn: the last prompt plus its reply and a
+   new question), the least loaded holder takes the request (a *prefix hit*), unless its queue is longer than the
+   least loaded candidate's by more than ``imbalance_threshold``: then the least loaded candidate does (a *load
+   fallback*), since waiting behind a long queue costs more than recomputing the prefix.
+3. A prefix no candidate holds goes to the less loaded of two candidates picked at random (power of two choices,
+   a *new prefix*): it spreads new conversations about as well as least-loaded does, without several routers
+   herding onto the same replica on slightly stale queue lengths.
+4. A match that covers only part of earlier prompts (a system prompt or few-shot examples that many conversations
+   share) is worth less than a conversation's own history, and following it would pile every new conversation onto
+   the first replicas that saw the shared part: the least loaded holder takes it only if it is no busier than the
+   power-of-two pick (plus ``shared_threshold``), else the pick does (a *shared prefix* or a *new prefix*).
 
-What a replica holds is a guess from what it was sent: a bounded LRU of block hashes per replica, sized to about
-what its prefix cache keeps. The state is bounded by ``capacity_blocks`` per replica, whatever the traffic.
+Between equally loaded replicas, the one holding less cached prefix wins, so that conversations arriving one at a
+time still spread. What a replica holds is a guess from what it was sent: a bounded LRU of block hashes per
+replica, sized to about what its prefix cache keeps. The state is bounded by ``capacity_blocks`` per replica,
+whatever the traffic.
 """
 
 from __future__ import annotations
@@ -22,18 +27,29 @@ from __future__ import annotations
 import random
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from microserve.scale.prefix import PrefixKey
 
-Reason = Literal["prefix_hit", "load_fallback", "new_prefix", "no_prefix", "least_loaded", "round_robin"]
-REASONS: tuple[Reason, ...] = ("prefix_hit", "load_fallback", "new_prefix", "no_prefix", "least_loaded", "round_robin")
+Reason = Literal[
+    "prefix_hit", "shared_prefix", "load_fallback", "new_prefix", "no_prefix", "least_loaded", "round_robin"
+]
+REASONS: tuple[Reason, ...] = (
+    "prefix_hit",
+    "shared_prefix",
+    "load_fallback",
+    "new_prefix",
+    "no_prefix",
+    "least_loaded",
+    "round_robin",
+)
 
 # Defaults sized for a microserve replica on the CPU: 8 sequence slots of a few hundred to a few thousand tokens,
 # in 16-token blocks; a queue four requests longer than another replica's is half a batch of waiting.
 DEFAULT_CAPACITY_BLOCKS = 2048
 DEFAULT_IMBALANCE_THRESHOLD = 4
+DEFAULT_SHARED_THRESHOLD = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,15 +96,27 @@ def _least_loaded(
     return lowest[0] if len(lowest) == 1 else rng.choice(lowest)
 
 
+@dataclass(frozen=True, slots=True)
+class Match:
+    """The longest prefix of a key that candidates hold: its length in blocks, the replicas holding it, and those
+    of them for which it was a whole earlier prompt."""
+
+    depth: int = 0
+    holders: frozenset[str] = field(default_factory=frozenset)
+    whole: frozenset[str] = field(default_factory=frozenset)
+
+
 class ReplicaPrefixes:
-    """Per replica, a bounded LRU of the block hashes sent to it, with an index from hash to the replicas that
-    hold it, so that a lookup costs one dict probe per block rather than one per block and replica."""
+    """Per replica, a bounded LRU of the block hashes sent to it (each marked if an earlier prompt ended there),
+    with an index from hash to the replicas that hold it, so that a lookup costs one dict probe per block rather
+    than one per block and replica."""
 
     def __init__(self, capacity_blocks: int) -> None:
         if capacity_blocks < 1:
             raise ValueError("capacity_blocks must be at least 1")
         self.capacity_blocks = capacity_blocks
-        self._lru: dict[str, OrderedDict[int, None]] = {}
+        # block hash -> True where a prompt sent to the replica ended at that block
+        self._lru: dict[str, OrderedDict[int, bool]] = {}
         self._holders: dict[int, set[str]] = {}
 
     def __len__(self) -> int:
@@ -104,27 +132,33 @@ class ReplicaPrefixes:
         """How many block hashes ``replica`` holds."""
         return len(self._lru.get(replica, ()))
 
-    def longest(self, key: PrefixKey, candidates: Iterable[str]) -> tuple[int, set[str]]:
-        """The longest prefix of ``key`` (in blocks) that any of ``candidates`` holds, and those that hold it."""
+    def longest(self, key: PrefixKey, candidates: Iterable[str]) -> Match:
+        """The longest prefix of ``key`` that any of ``candidates`` holds."""
         allowed = set(candidates)
         for depth in range(len(key.blocks), 0, -1):
-            holders = self._holders.get(key.blocks[depth - 1])
+            block = key.blocks[depth - 1]
+            holders = self._holders.get(block)
             if holders:
                 found = holders & allowed
                 if found:
-                    return depth, found
-        return 0, set()
+                    whole = frozenset(r for r in found if self._lru[r].get(block))
+                    return Match(depth, frozenset(found), whole)
+        return Match()
 
     def add(self, replica: str, key: PrefixKey) -> None:
         """Record that ``replica`` was sent ``key``'s blocks; the least recently sent blocks make room."""
         lru = self._lru.setdefault(replica, OrderedDict())
+        blocks = key.blocks[: self.capacity_blocks]
         # Longest prefix first, shortest last: the shortest blocks are then the most recent, so eviction eats a
         # prompt from its tail and what remains is always a whole prefix, as in the replica's own cache.
-        for block in reversed(key.blocks[: self.capacity_blocks]):
+        for i in range(len(blocks) - 1, -1, -1):
+            block = blocks[i]
+            ended = i == len(blocks) - 1
             if block in lru:
+                lru[block] = lru[block] or ended
                 lru.move_to_end(block)
             else:
-                lru[block] = None
+                lru[block] = ended
                 self._holders.setdefault(block, set()).add(replica)
         while len(lru) > self.capacity_blocks:
             old, _ = lru.popitem(last=False)
@@ -144,23 +178,21 @@ class ReplicaPrefixes:
 
 
 class PrefixAwarePolicy:
-    """Longest cached prefix first, unless its replica is too far behind the least loaded one; new prefixes by
-    power of two choices."""
+    """A conversation's next turn to the replica holding its history, unless that replica is too far behind the
+    least loaded one; new prefixes by power of two choices; shared prefixes only when they cost no extra wait."""
 
     def __init__(
         self,
         *,
         capacity_blocks: int = DEFAULT_CAPACITY_BLOCKS,
         imbalance_threshold: int = DEFAULT_IMBALANCE_THRESHOLD,
-        min_match_fraction: float = 0.0,
+        shared_threshold: int = DEFAULT_SHARED_THRESHOLD,
         rng: random.Random | None = None,
     ) -> None:
-        """``min_match_fraction``: a match covering less of the key than this counts as a new prefix (a system
-        prompt that every conversation shares need not pull them all to one replica)."""
-        if imbalance_threshold < 0:
-            raise ValueError("imbalance_threshold must be >= 0")
+        if imbalance_threshold < 0 or shared_threshold < 0:
+            raise ValueError("thresholds must be >= 0")
         self.imbalance_threshold = imbalance_threshold
-        self.min_match_fraction = min_match_fraction
+        self.shared_threshold = shared_threshold
         self.prefixes = ReplicaPrefixes(capacity_blocks)
         self.counts: Counter[Reason] = Counter()
         self._rng = rng or random.Random()
@@ -169,21 +201,27 @@ class PrefixAwarePolicy:
         """Pick a replica among ``queues`` for a request with ``key`` (None: no prompt, pick by load)."""
         if not queues:
             raise ValueError("no replica to choose from")
-        if key is None or not key.blocks:
-            decision = Decision(self._two_choices(queues), "no_prefix")
-        else:
-            depth, holders = self.prefixes.longest(key, queues)
-            if depth == 0 or depth < self.min_match_fraction * len(key.blocks):
-                decision = Decision(self._two_choices(queues), "new_prefix")
-            else:
-                best = _least_loaded(queues, holders, self._rng, self.prefixes.held)
-                low = min(queues.values())
-                if queues[best] - low > self.imbalance_threshold:
-                    decision = Decision(_least_loaded(queues, queues, self._rng, self.prefixes.held), "load_fallback")
-                else:
-                    decision = Decision(best, "prefix_hit", depth)
+        decision = self._decide(key, queues)
         self.counts[decision.reason] += 1
         return decision
+
+    def _decide(self, key: PrefixKey | None, queues: Mapping[str, int]) -> Decision:
+        held = self.prefixes.held
+        if key is None or not key.blocks:
+            return Decision(self._two_choices(queues), "no_prefix")
+        match = self.prefixes.longest(key, queues)
+        if match.depth == 0:
+            return Decision(self._two_choices(queues), "new_prefix")
+        if match.whole:
+            best = _least_loaded(queues, match.whole, self._rng, held)
+            if queues[best] - min(queues.values()) > self.imbalance_threshold:
+                return Decision(_least_loaded(queues, queues, self._rng, held), "load_fallback")
+            return Decision(best, "prefix_hit", match.depth)
+        holder = _least_loaded(queues, match.holders, self._rng, held)
+        pick = self._two_choices(queues)
+        if queues[holder] - queues[pick] <= self.shared_threshold:
+            return Decision(holder, "shared_prefix", match.depth)
+        return Decision(pick, "new_prefix")
 
     def routed(self, replica: str, key: PrefixKey | None) -> None:
         """Remember that ``replica`` now holds ``key``'s prefix."""

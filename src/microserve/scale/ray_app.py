@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, Field
 
 from microserve.scale.forward import ASGIApp, ForwardedRequest, Lifespan, ResponseStart, call, serve_asgi
-from microserve.scale.policy import DEFAULT_CAPACITY_BLOCKS, DEFAULT_IMBALANCE_THRESHOLD
+from microserve.scale.policy import DEFAULT_CAPACITY_BLOCKS, DEFAULT_IMBALANCE_THRESHOLD, DEFAULT_SHARED_THRESHOLD
 from microserve.scale.prefix import PrefixKey, key_from_body
 from microserve.server.auth import METRICS_PATHS
 from microserve.settings import Settings
@@ -86,6 +86,11 @@ class RayServeOptions(BaseModel):
         default=DEFAULT_IMBALANCE_THRESHOLD,
         ge=0,
         description="Extra queued requests a prefix is worth before load wins.",
+    )
+    shared_threshold: int = Field(
+        default=DEFAULT_SHARED_THRESHOLD,
+        ge=0,
+        description="Extra queued requests a shared prefix (system prompt) is worth.",
     )
     capacity_blocks: int = Field(
         default=DEFAULT_CAPACITY_BLOCKS, ge=1, description="Prefix blocks remembered per replica."
@@ -315,6 +320,7 @@ def build_application(settings: Settings, options: RayServeOptions | None = None
             "request_router_class": ROUTER_PATH,
             "request_router_kwargs": {
                 "imbalance_threshold": options.imbalance_threshold,
+                "shared_threshold": options.shared_threshold,
                 "capacity_blocks": options.capacity_blocks,
             },
         },

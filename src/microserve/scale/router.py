@@ -19,7 +19,12 @@ from typing import Any
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
-from microserve.scale.policy import DEFAULT_CAPACITY_BLOCKS, DEFAULT_IMBALANCE_THRESHOLD, PrefixAwarePolicy
+from microserve.scale.policy import (
+    DEFAULT_CAPACITY_BLOCKS,
+    DEFAULT_IMBALANCE_THRESHOLD,
+    DEFAULT_SHARED_THRESHOLD,
+    PrefixAwarePolicy,
+)
 from microserve.scale.prefix import PrefixKey
 
 log = logging.getLogger(__name__)
@@ -47,14 +52,14 @@ class PrefixLoadRouter(RequestRouter):
         self,
         imbalance_threshold: int = DEFAULT_IMBALANCE_THRESHOLD,
         capacity_blocks: int = DEFAULT_CAPACITY_BLOCKS,
-        min_match_fraction: float = 0.0,
+        shared_threshold: int = DEFAULT_SHARED_THRESHOLD,
         **_: Any,
     ) -> None:
         """Called by Ray with ``request_router_config.request_router_kwargs``."""
         self.policy = PrefixAwarePolicy(
             imbalance_threshold=imbalance_threshold,
             capacity_blocks=capacity_blocks,
-            min_match_fraction=min_match_fraction,
+            shared_threshold=shared_threshold,
         )
         self._keys: dict[str, PrefixKey | None] = {}
         self._decisions = _decision_counter()
