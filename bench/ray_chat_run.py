@@ -28,7 +28,6 @@ SRC = Path(__file__).resolve().parent.parent / "src"
 sys.path.insert(0, str(SRC))
 
 from chat_workload import Workload, WorkloadSpec, replay, summarize
-
 from microserve.scale.ray_app import RayServeOptions, build_application
 from microserve.settings import Settings
 
