@@ -24,12 +24,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-SRC = Path(__file__).resolve().parent.parent / "src"
-sys.path.insert(0, str(SRC))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 from chat_workload import Workload, WorkloadSpec, replay, summarize
 from microserve.scale.ray_app import RayServeOptions, build_application
 from microserve.settings import Settings
+
+SRC = Path(__file__).resolve().parent.parent / "src"
 
 
 def free_port() -> int:
