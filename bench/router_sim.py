@@ -75,17 +75,17 @@ class StepCosts:
     batch_size: int = 256
 
     @classmethod
-    def load(cls, path: Path, slots: int | None = None) -> StepCosts:
-        """Costs from a ``step_costs.py`` JSON file."""
+    def load(cls, path: Path, slots: int | None = None, scale: float = 1.0) -> StepCosts:
+        """Costs from a ``step_costs.py`` JSON file, each multiplied by ``scale`` (a slower or faster machine)."""
         data = json.loads(path.read_text())
         step = max(data["decode_fixed_s"], 1e-4)
         return cls(
             # The TTFT line's intercept holds one step's fixed cost: the rest is the request's own.
-            request_s=max(data["fixed_s"] - step - data["decode_seq_s"], 0.0),
-            step_s=step,
-            prefill_token_s=data["prefill_token_s"],
-            decode_seq_s=data["decode_seq_s"],
-            mixed_token_s=data["mixed_token_s"],
+            request_s=max(data["fixed_s"] - step - data["decode_seq_s"], 0.0) * scale,
+            step_s=step * scale,
+            prefill_token_s=data["prefill_token_s"] * scale,
+            decode_seq_s=data["decode_seq_s"] * scale,
+            mixed_token_s=data["mixed_token_s"] * scale,
             slots=slots or data.get("slots", 8),
             batch_size=data.get("batch_size", 256),
         )
@@ -551,6 +551,9 @@ def main() -> int:
     parser.add_argument("--system-prompts", type=int, default=WorkloadSpec().system_prompts)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--single-groups", type=int, default=8, help="Runs averaged for the N = 1 baseline.")
+    parser.add_argument(
+        "--cost-scale", type=float, default=1.0, help="Multiply every step cost (replicas sharing cores are slower)."
+    )
     parser.add_argument("--slots", type=int, help="Sequence slots per replica (default: the measured server's).")
     parser.add_argument("--imbalance-threshold", type=int, default=4)
     parser.add_argument("--capacity-blocks", type=int, default=2048)
@@ -562,7 +565,7 @@ def main() -> int:
     parser.add_argument("--router", choices=list(POLICIES), default="prefix-aware", help="The router of --compare.")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args()
-    costs = StepCosts.load(args.costs, args.slots)
+    costs = StepCosts.load(args.costs, args.slots, args.cost_scale)
     if args.compare:
         compare(args, costs)
         return 0

@@ -254,14 +254,16 @@ class IngressServer:
                 yield chunk
         except Exception as exc:
             # The replica died mid-answer. An event stream gets an error event the OpenAI clients raise on; any
-            # other body ends short of its length, which clients report as an incomplete read.
+            # other body is cut off (the connection drops), which clients report as an incomplete read rather than
+            # take a truncated body for a whole one.
             log.warning("replica failed mid-response: %s", _describe(exc))
-            if sse:
-                from microserve.server.errors import error_body
+            if not sse:
+                raise
+            from microserve.server.errors import error_body
 
-                body = error_body(503, f"replica failed mid-stream: {_describe(exc)}")
-                body["error"]["code"] = "replica_unavailable"
-                yield b"data: " + json.dumps(body).encode() + b"\n\n"
+            body = error_body(503, f"replica failed mid-stream: {_describe(exc)}")
+            body["error"]["code"] = "replica_unavailable"
+            yield b"data: " + json.dumps(body).encode() + b"\n\n"
         finally:
             # The client left (or the stream ended): stop the replica's work on it.
             stream.cancel()
