@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: serve test lint bench
+.PHONY: serve test lint bench image-test
 
 serve: $(VENV)/.installed-run
 	$(BIN)/microserve serve
@@ -13,6 +13,16 @@ test: $(VENV)/.installed-test
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy
 	$(BIN)/python -m pytest
+
+# Builds deploy/docker/Dockerfile with buildah on a base made with debootstrap, then runs the image's filesystem with
+# chroot in a network namespace with only loopback (tests/image). Needs root and Debian's buildah, debootstrap and
+# iproute2, installed here when missing.
+IMAGE_TOOLS := buildah debootstrap iproute2
+image-test: $(VENV)/.installed-test
+	@command -v buildah >/dev/null && command -v debootstrap >/dev/null && command -v ip >/dev/null || { \
+	  apt-get -o DPkg::Lock::Timeout=600 update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq $(IMAGE_TOOLS); }
+	$(BIN)/python -m pytest tests/image --timeout=3600 --durations=5
 
 bench: $(VENV)/.installed-test
 	$(BIN)/pip install -q -e '.[bench]'
@@ -27,5 +37,5 @@ $(VENV)/.installed-run: pyproject.toml | $(BIN)/python
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -e '.[test]'
+	$(BIN)/python -m pip install -e '.[test,tune]'
 	touch $@ $(VENV)/.installed-run

@@ -56,12 +56,12 @@ class Direct:
 
     def __init__(self, threads: int, workers: int | None) -> None:
         from microserve.catalog.manifest import find_builtin
+        from microserve.catalog.store import ModelStore
         from microserve.engines.encoder.engine import split_threads
         from microserve.engines.encoder.model_dir import WordTokenizer, read_layout
         from microserve.engines.encoder.onnx_backend import OnnxForward
         from microserve.engines.encoder.onnx_export import exported_model
         from microserve.settings import Settings
-        from microserve.store import ModelStore
 
         manifest = find_builtin(MODEL)
         assert manifest is not None
@@ -79,8 +79,9 @@ class Direct:
     def _inputs(self, batch: list[str]) -> list[Any]:
         from microserve.engines.base import EncoderInput
 
-        tok, room = self.tok, self.layout.max_tokens - 2
-        return [EncoderInput([tok.cls_id, *tok.encode(t)[:room], tok.sep_id]) for t in batch]
+        layout = self.tok.layout
+        room = self.layout.max_tokens - len(layout.single[0]) - len(layout.single[1])
+        return [EncoderInput(*layout.lay_out_single(self.tok.encode(t)[:room])) for t in batch]
 
     def _run(self, forward: Any, share: list[str], size: int) -> None:
         for i in range(0, len(share), size):

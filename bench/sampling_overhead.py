@@ -15,11 +15,10 @@ import statistics
 import time
 
 from microserve.catalog.manifest import find_builtin
-from microserve.engines.base import GenerationRequest, SamplingParams
+from microserve.catalog.store import ModelStore
+from microserve.engines.base import GenerationRequest, Guide, SamplingParams
 from microserve.engines.llamacpp.engine import LlamaCppConfig, LlamaCppEngine
-from microserve.services.structured import GrammarBuilder, Guide
 from microserve.settings import Settings
-from microserve.store import ModelStore
 
 TOKENS = 64
 FLOORS = {"logprobs top 5": 0.8, "regex [a-z ]{400}": 0.7, "json schema": 0.7}
@@ -32,7 +31,7 @@ SCHEMA = {
 
 async def rate(engine: LlamaCppEngine, prompt: list[int], tag: str, **extra: object) -> tuple[float, int]:
     """Decode tok/s after the first token (prefill excluded) and the number of tokens produced."""
-    params = SamplingParams(max_tokens=TOKENS, temperature=0, ignore_eos="grammar" not in extra)
+    params = SamplingParams(max_tokens=TOKENS, temperature=0, ignore_eos="guide" not in extra)
     request = GenerationRequest(tag, prompt, params, **extra)  # type: ignore[arg-type]
     first = None
     produced = 0
@@ -50,20 +49,18 @@ async def main(model: str, reps: int, threads: int | None) -> int:
     path = ModelStore(Settings().cache_dir).path_for(manifest)
     engine = LlamaCppEngine(LlamaCppConfig(path=str(path), model_id=model, parallel=2, threads=threads))
     await engine.start()
-    builder = GrammarBuilder()
     try:
-        prompt = engine.tokenize(
-            "Write a long story about a lighthouse keeper and list its key words.", add_special=True
-        )
+        prompt = engine.encode_prompt("Write a long story about a lighthouse keeper and list its key words.")
         configs: dict[str, dict[str, object]] = {
             "plain": {},
             "logprobs top 5": {"logprobs": 5},
-            "regex [a-z ]{400}": {"grammar": builder.build(Guide("regex", "[a-z ]{400}", "bench"))},
-            "json schema": {"grammar": builder.build(Guide("json", SCHEMA, "bench"))},
+            "regex [a-z ]{400}": {"guide": Guide("regex", "[a-z ]{400}", "bench")},
+            "json schema": {"guide": Guide("json", SCHEMA, "bench")},
         }
         for extra in configs.values():
-            if "grammar" in extra:
-                await engine.check_grammar(str(extra["grammar"]))
+            guide = extra.get("guide")
+            if isinstance(guide, Guide):
+                await engine.check_guide(guide)
         await rate(engine, prompt, "warm-up")
         # Configurations interleaved within each repetition, so that drift in machine load hits all alike.
         samples: dict[str, list[float]] = {name: [] for name in configs}

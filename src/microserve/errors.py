@@ -41,6 +41,20 @@ class ModelNotFound(ServiceError):
         )
 
 
+class Forbidden(ServiceError):
+    """A request for something this client may not reach, such as a path outside a served directory (403)."""
+
+    status_code = 403
+    error_type = "permission_error"
+
+
+class NotFound(ServiceError):
+    """A resource other than a model that does not exist (404)."""
+
+    status_code = 404
+    error_type = "not_found_error"
+
+
 class NotReady(ServiceError):
     """The engine is loading or draining (503)."""
 

@@ -16,6 +16,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 _CGROUP = Path("/sys/fs/cgroup")
+_SELF_CGROUP = Path("/proc/self/cgroup")
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +42,8 @@ class Hardware:
     memory_total_mb: int
     memory_available_mb: int
     gpus: tuple[Gpu, ...] = field(default_factory=tuple)
+    # CPUs the cgroup CPU quota allows (cpu.max), None when unlimited; usable_cores is already capped by it.
+    cpu_quota: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready view."""
@@ -85,17 +88,64 @@ def parse_cpu_max(text: str) -> float | None:
     return quota / period if quota > 0 and period > 0 else None
 
 
-def _cgroup_cpu_limit(root: Path = _CGROUP) -> float | None:
+def parse_self_cgroup(text: str) -> dict[str, str]:
+    """This process's cgroup path per controller from ``/proc/self/cgroup`` text; ``""`` is the v2 hierarchy."""
+    paths: dict[str, str] = {}
+    for line in text.splitlines():
+        parts = line.strip().split(":", 2)
+        if len(parts) == 3:
+            for controller in parts[1].split(",") if parts[1] else [""]:
+                paths[controller] = parts[2]
+    return paths
+
+
+def _up_from(base: Path, path: str) -> list[Path]:
+    """``base``/``path`` and each of its ancestors up to ``base``, the existing ones, innermost first. A container
+    that mounts its own cgroup at ``base`` while the path names it from the host finds its files at ``base``."""
+    parts = [p for p in path.strip("/").split("/") if p and p != ".."]
+    candidates = [base.joinpath(*parts[:i]) for i in range(len(parts), -1, -1)]
+    return [c for c in candidates if c.is_dir()]
+
+
+def _read_quota_v1(directory: Path) -> float | None:
     try:
-        return parse_cpu_max((root / "cpu.max").read_text())
-    except (OSError, ValueError):
-        pass
-    try:  # cgroup v1
-        quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
-        period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
-        return quota / period if quota > 0 and period > 0 else None
+        quota = int((directory / "cpu.cfs_quota_us").read_text())
+        period = int((directory / "cpu.cfs_period_us").read_text())
     except (OSError, ValueError):
         return None
+    return quota / period if quota > 0 and period > 0 else None
+
+
+def cgroup_cpu_limit(root: Path | None = None, self_cgroup: str | None = None) -> float | None:
+    """CPUs the cgroup CPU quota allows this process, the tightest along its cgroup's path (a parent's quota
+    binds its children too): cgroup v2 ``cpu.max`` (pure or hybrid hierarchy), else v1 ``cpu.cfs_quota_us``.
+    None when no quota applies. ``root`` is the cgroup mount and ``self_cgroup`` ``/proc/self/cgroup`` text (both
+    this machine's when None)."""
+    root = _CGROUP if root is None else root
+    if self_cgroup is None:
+        try:
+            self_cgroup = _SELF_CGROUP.read_text()
+        except OSError:
+            self_cgroup = ""
+    paths = parse_self_cgroup(self_cgroup)
+    limits: list[float] = []
+    for base in (root, root / "unified"):
+        for directory in _up_from(base, paths.get("", "/")):
+            try:
+                quota = parse_cpu_max((directory / "cpu.max").read_text())
+            except (OSError, ValueError):
+                continue
+            if quota is not None:
+                limits.append(quota)
+    if not limits:
+        for name in ("cpu", "cpu,cpuacct", "cpuacct,cpu"):
+            for directory in _up_from(root / name, paths.get("cpu", "/")):
+                quota = _read_quota_v1(directory)
+                if quota is not None:
+                    limits.append(quota)
+            if limits:
+                break
+    return min(limits) if limits else None
 
 
 def _cgroup_memory_limit_mb(root: Path = _CGROUP) -> int | None:
@@ -203,13 +253,15 @@ def _read(path: str) -> str:
         return ""
 
 
-def usable_cores() -> int:
-    """CPUs this process may use: its affinity mask, capped by a cgroup CPU quota (rounded up), at least 1."""
+def usable_cores(quota: float | None = None, *, probe_quota: bool = True) -> int:
+    """CPUs this process may use: its affinity mask (a cpuset or ``taskset`` narrows it), capped by the cgroup CPU
+    quota rounded up, at least 1. A pod limited to 2 CPUs on a 64-core node gets 2, not 64."""
     try:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
         usable = os.cpu_count() or 1
-    quota = _cgroup_cpu_limit()
+    if quota is None and probe_quota:
+        quota = cgroup_cpu_limit()
     if quota is not None:
         usable = min(usable, max(1, math.ceil(quota)))
     return max(1, usable)
@@ -223,13 +275,15 @@ def probe() -> Hardware:
     limit = _cgroup_memory_limit_mb()
     if limit is not None:
         total, available = min(total, limit), min(available, limit)
+    quota = cgroup_cpu_limit()
     return Hardware(
         cpu_model=model or "unknown",
         logical_cores=logical,
         physical_cores=min(physical or logical, logical),
-        usable_cores=usable_cores(),
+        usable_cores=usable_cores(quota, probe_quota=False),
         cpu_flags=flags,
         memory_total_mb=total,
         memory_available_mb=available,
         gpus=probe_gpus(),
+        cpu_quota=quota,
     )

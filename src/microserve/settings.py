@@ -60,7 +60,9 @@ class Settings(BaseSettings):
         None, ge=1, le=256, description="Sequence slots decoded together in one batch; default the profile's (8)."
     )
     threads: int | None = Field(
-        None, ge=1, description="CPU threads for llama.cpp and the encoder; default the usable cores."
+        None,
+        ge=1,
+        description="CPU threads for llama.cpp and the encoder; default the usable cores (affinity and cgroup quota).",
     )
     batch_size: int | None = Field(
         None, ge=16, description="Most tokens in one decode step; default the profile's (256)."
@@ -117,10 +119,73 @@ class Settings(BaseSettings):
         False,
         validation_alias=_env("offline", "HF_HUB_OFFLINE"),
         description="Never touch the network; artifacts must already be cached.",
+        json_schema_extra={"flag": "--offline/--online"},
     )
     catalog_dir: Path | None = Field(
         None, description="A folder of extra model manifests (*.yaml) added to the built-in catalog."
     )
+    lora_dir: Path | None = Field(
+        None,
+        validation_alias=_env("lora_dir", "NIM_PEFT_SOURCE"),
+        description="The adapter directory, one sub-directory per LoRA adapter; `microserve tune` writes into it. "
+        "Default: <cache_dir>/loras.",
+    )
+    lora_refresh_interval: float = Field(
+        0.0,
+        ge=0.0,
+        validation_alias=_env("lora_refresh_interval", "NIM_PEFT_REFRESH_INTERVAL"),
+        description="Seconds between rescans of the adapter directory (new adapters served, removed ones retired); "
+        "0: only at start.",
+    )
+    max_loras: int = Field(
+        16,
+        ge=1,
+        le=4096,
+        validation_alias=_env("max_loras", "NIM_MAX_CPU_LORAS"),
+        description="LoRA adapters kept loaded at once per base model; others load on demand, the least recently "
+        "used idle one unloaded first.",
+    )
+    max_lora_rank: int = Field(
+        32,
+        ge=1,
+        le=4096,
+        validation_alias=_env("max_lora_rank", "NIM_MAX_LORA_RANK"),
+        description="Largest adapter rank served; a larger adapter is refused.",
+    )
+
+    def resolved_lora_dir(self) -> Path:
+        """The adapter directory: ``lora_dir`` when set, else ``<cache_dir>/loras``."""
+        return (self.lora_dir or self.cache_dir / "loras").expanduser()
+
+    # -- fine-tuning jobs (/v1/files, /v1/fine_tuning/jobs, /v1/customization/jobs) ----------------------------
+    fine_tuning: bool = Field(
+        True,
+        description="Serve the files and fine-tuning jobs API (OpenAI's /v1/files and /v1/fine_tuning/jobs, NeMo "
+        "Customizer's /v1/customization/jobs); jobs train LoRA adapters for the served models.",
+    )
+    fine_tuning_dir: Path | None = Field(
+        None,
+        description="Where the fine-tuning state lives: the SQLite database of files and jobs, and the uploaded "
+        "files. Default: <cache_dir>/fine_tuning.",
+    )
+    max_upload_bytes: int = Field(
+        512 * 1024 * 1024, ge=1024, description="Largest file POST /v1/files accepts (413 above)."
+    )
+    fine_tuning_threads: int | None = Field(
+        None,
+        ge=1,
+        description="CPU threads of a fine-tuning job's worker process; default half the usable cores (at least 1), "
+        "so that serving keeps the rest.",
+    )
+    fine_tuning_nice: int = Field(
+        10, ge=0, le=19, description="How much a fine-tuning job's worker process lowers its priority (nice)."
+    )
+
+    def resolved_fine_tuning_dir(self) -> Path:
+        """The fine-tuning state's directory: ``fine_tuning_dir`` when set, else ``<cache_dir>/fine_tuning``."""
+        return (self.fine_tuning_dir or self.cache_dir / "fine_tuning").expanduser()
+
+    playground: bool = Field(True, description="Serve the web playground at /playground (and redirect / there).")
 
     @field_validator("embedding_model", "rerank_model", mode="before")
     @classmethod
@@ -148,8 +213,25 @@ class Settings(BaseSettings):
     )
     max_stop_length: int = Field(256, ge=1, description="Longest stop string, in characters.")
     max_n: int = Field(16, ge=1, description="Largest `n` (choices per request).")
+    chat_content_special_tokens: bool = Field(
+        False,
+        description="Let special-token text in chat messages become control tokens, as the template's own markup "
+        "does. Only for trusted clients: with it a client can close its turn and open a system turn of its own.",
+    )
+    header_timeout: float = Field(
+        10.0, gt=0, description="Seconds a client has to send a request's headers before the connection is closed."
+    )
+    keep_alive_timeout: float = Field(
+        5.0, gt=0, description="Seconds an idle keep-alive connection stays open between requests."
+    )
+    max_connections: int = Field(
+        1000, ge=1, description="Most open client connections; a connection beyond them is answered 503 and closed."
+    )
     drain_timeout: float = Field(
-        30.0, ge=0, description="Seconds in-flight requests may run after SIGTERM/SIGINT before exit."
+        30.0,
+        ge=0,
+        description="Seconds in-flight requests may run after SIGTERM/SIGINT; those still running are then cut off "
+        "(a stream ends with an error event) and the process exits within 5 s more.",
     )
     log_prompts: bool = Field(False, description="Include prompt text in request log lines.")
     otel_endpoint: str | None = Field(
@@ -160,6 +242,27 @@ class Settings(BaseSettings):
     ssl_certfile: Path | None = Field(None, description="TLS certificate (PEM); serves HTTPS when set.")
     ssl_keyfile: Path | None = Field(None, description="TLS private key (PEM).")
     ssl_ca_certs: Path | None = Field(None, description="CA bundle; when set, clients must present a certificate.")
+    cors_allow_origins: Annotated[list[str], NoDecode] = Field(
+        [],
+        description="Origins whose browser scripts may call the API (`*` for any); none by default, which turns "
+        "CORS off (comma-separated in env).",
+    )
+    cors_allow_methods: Annotated[list[str], NoDecode] = Field(
+        ["*"], description="Methods allowed cross-origin, with cors_allow_origins (`*` for any)."
+    )
+    cors_allow_headers: Annotated[list[str], NoDecode] = Field(
+        ["*"], description="Request headers allowed cross-origin, with cors_allow_origins (`*` for any)."
+    )
+    # -- the Responses API's stored responses ------------------------------------------------------------------
+    response_store_size: int = Field(
+        1024,
+        ge=0,
+        description="Most responses kept in memory for previous_response_id and GET /v1/responses/{id}; the "
+        "oldest go first (0 keeps none).",
+    )
+    response_store_bytes: int = Field(
+        64 * 1024 * 1024, ge=0, description="Most memory the stored responses take, as JSON bytes; the oldest go first."
+    )
 
     def queue_limit(self, slots: int) -> int:
         """Waiting requests allowed for a model with ``slots`` slots."""
@@ -184,7 +287,9 @@ class Settings(BaseSettings):
             return "json" if lowered in _TRUE else "text" if lowered in _FALSE else lowered
         return value
 
-    @field_validator("model", "served_model_name", mode="before")
+    @field_validator(
+        "model", "served_model_name", "cors_allow_origins", "cors_allow_methods", "cors_allow_headers", mode="before"
+    )
     @classmethod
     def _split(cls, value: object) -> object:
         if isinstance(value, str):

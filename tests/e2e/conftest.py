@@ -113,8 +113,8 @@ def smollm_vocab(smollm: Server) -> object:
     from llama_cpp import Llama
 
     from microserve.catalog.manifest import find_builtin
+    from microserve.catalog.store import ModelStore
     from microserve.settings import Settings
-    from microserve.store import ModelStore
 
     manifest = find_builtin("smollm2-135m-instruct")
     assert manifest is not None

@@ -42,4 +42,7 @@ def test_port_in_use_exits_2() -> None:
         port = busy.getsockname()[1]
         result = run_cli("serve", "--port", str(port))
     assert result.returncode == 2
-    assert f"127.0.0.1:{port}" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    # One error line, the last: before it only the placement's own progress lines (the files checked).
+    lines = result.stderr.strip().splitlines()
+    errors = [line for line in lines if "error" in line.lower()]
+    assert errors == [lines[-1]] and f"cannot listen on 127.0.0.1:{port}" in lines[-1], lines

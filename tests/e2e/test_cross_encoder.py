@@ -10,33 +10,9 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import Server, start_server
+from tiny_encoders import build_cross_encoder
 
-WORDS = "the a cat dog sat on mat rug stock market fell sharply plants make food sunlight water paris capital france"
 MAX_POSITIONS = 48
-
-
-def build_cross_encoder(folder: Path) -> Path:
-    """A 2-layer BERT sequence classifier with one label and a WordPiece tokenizer over a small vocabulary."""
-    import torch
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
-
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS.split(), "?", "."]
-    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True).save_pretrained(str(folder))
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=MAX_POSITIONS,
-        num_labels=1,
-    )
-    BertForSequenceClassification(config).eval().save_pretrained(str(folder))
-    assert (folder / "tokenizer.json").is_file()
-    return folder
 
 
 def reference_logits(folder: Path, query: str, passages: list[str]) -> list[float]:

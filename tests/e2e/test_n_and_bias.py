@@ -10,10 +10,10 @@ import pytest
 from conftest import Server
 
 from microserve.catalog.manifest import find_builtin
+from microserve.catalog.store import ModelStore
 from microserve.engines.base import GenerationRequest, SamplingParams
 from microserve.engines.llamacpp.engine import LlamaCppConfig, LlamaCppEngine
 from microserve.settings import Settings
-from microserve.store import ModelStore
 
 MODEL = "smollm2-135m-instruct"
 ASK = [{"role": "user", "content": "Write a sentence about the sun."}]

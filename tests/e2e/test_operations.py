@@ -85,6 +85,12 @@ def assert_openai_error(response: httpx.Response, status: int, param: str | None
     return error
 
 
+def assert_anthropic_error(response: httpx.Response, status: int) -> None:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert body["type"] == "error" and set(body["error"]) == {"type", "message"} and body["error"]["message"]
+
+
 # -- API keys ----------------------------------------------------------------------------------------------------
 
 # A valid request for every operation that needs a body; GETs need none.
@@ -113,15 +119,17 @@ def test_every_route_but_health_needs_a_key(guarded: Server) -> None:
             if path.startswith("/v1/health/") or path == "/health":
                 assert http.request(method, path).status_code == 200, path
                 continue
+            # Anthropic's routes answer in Anthropic's error shape.
+            check = assert_anthropic_error if path.startswith("/v1/messages") else assert_openai_error
             missing = http.request(method, path, json=body)
-            assert_openai_error(missing, 401)
+            check(missing, 401)
             assert missing.headers["WWW-Authenticate"].startswith("Bearer")
             for wrong in ("Bearer sk-wrong", f"Basic {KEY}", f"Bearer {KEY}x", "Bearer"):
                 refused = http.request(method, path, json=body, headers={"Authorization": wrong})
-                assert_openai_error(refused, 401)
+                check(refused, 401)
                 assert "WWW-Authenticate" in refused.headers
-            if method == "POST" and body is None:
-                continue  # an operation added elsewhere without a known body: its 401s are what this test owns
+            if (method == "POST" and body is None) or "{" in path:
+                continue  # no known body, or a path naming a resource: its 401s are what this test owns
             for key in (KEY, HASHED_KEY, ENV_KEY, "other-env-key"):
                 ok = http.request(method, path, json=body, headers={"Authorization": f"Bearer {key}"})
                 assert ok.status_code == 200, (path, ok.text)

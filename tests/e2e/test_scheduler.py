@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 
 from microserve.catalog.manifest import find_builtin
+from microserve.catalog.store import ModelStore
 from microserve.engines.base import GenerationDelta, GenerationRequest, SamplingParams
 from microserve.engines.llamacpp.engine import LlamaCppConfig, LlamaCppEngine
 from microserve.settings import Settings
-from microserve.store import ModelStore
 
 
 def model_path() -> str:

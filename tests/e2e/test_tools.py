@@ -187,21 +187,20 @@ def test_auto_constrains_a_call_once_the_model_opens_one() -> None:
     ``LIMA``.
     """
     from microserve.catalog.manifest import find_builtin
+    from microserve.catalog.store import ModelStore
     from microserve.engines.base import GenerationRequest, SamplingParams
     from microserve.engines.llamacpp.engine import LlamaCppConfig, LlamaCppEngine
     from microserve.protocol.chat import ToolDefinition
-    from microserve.services.structured import GrammarBuilder
     from microserve.services.tools import ToolCallParser, plan_tools
     from microserve.settings import Settings
-    from microserve.store import ModelStore
 
     cities = {"type": "object", "properties": {"city": {"enum": ["ROME", "OSLO", "LIMA"]}}, "required": ["city"]}
     tools = [
         ToolDefinition.model_validate({"type": "function", "function": {"name": "get_weather", "parameters": cities}})
     ]
     plan = plan_tools(tools, "auto", False)
-    assert plan.guide is not None and plan.triggers
-    grammar = GrammarBuilder().build(plan.guide)
+    guide = plan.guide
+    assert guide is not None and guide.trigger
     manifest = find_builtin(MODEL)
     assert manifest is not None
     path = ModelStore(Settings().cache_dir).path_for(manifest)
@@ -211,12 +210,12 @@ def test_auto_constrains_a_call_once_the_model_opens_one() -> None:
         engine = LlamaCppEngine(LlamaCppConfig(path=str(path), model_id=MODEL, parallel=3, context_length=512))
         await engine.start()
         try:
-            await engine.check_grammar(grammar, plan.triggers)
-            prompt = engine.tokenize(shot + shot.replace("Rome", "Oslo") + "Q: weather in Lima?\nA:", add_special=True)
+            await engine.check_guide(guide)
+            prompt = engine.encode_prompt(shot + shot.replace("Rome", "Oslo") + "Q: weather in Lima?\nA:")
 
             async def one(seed: int) -> str:
                 params = SamplingParams(max_tokens=40, temperature=1.0, seed=seed)
-                request = GenerationRequest(f"s{seed}", prompt, params, grammar=grammar, grammar_triggers=plan.triggers)
+                request = GenerationRequest(f"s{seed}", prompt, params, guide=guide)
                 return "".join([d.text async for d in engine.generate(request)])
 
             return await asyncio.gather(*(one(seed) for seed in range(3)))

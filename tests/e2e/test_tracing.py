@@ -9,11 +9,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from microserve import hardware
-from microserve.catalog.resolve import resolve_model
-from microserve.server.app import create_app
+from microserve.server.app import build_app
 from microserve.settings import Settings
-from microserve.store import ModelStore
 
 
 def test_spans_nest_http_service_engine() -> None:
@@ -21,8 +18,8 @@ def test_spans_nest_http_service_engine() -> None:
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     settings = Settings(parallel=1, context_length=512, embedding_model="none")
-    model = resolve_model(settings.model[0], ModelStore(settings.cache_dir), hardware=hardware.probe())
-    app = create_app(settings, [model], tracer_provider=provider)
+    app = build_app(settings, tracer_provider=provider)
+    model = app.state.plan.models[0]
     with TestClient(app) as client:
         deadline = time.monotonic() + 120
         while client.get("/v1/health/ready").status_code != 200:

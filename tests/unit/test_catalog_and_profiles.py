@@ -10,8 +10,8 @@ import yaml
 from pydantic import ValidationError
 
 from microserve.catalog.manifest import Manifest, PackagedDirSource, builtin_manifests, catalog, find_manifest
+from microserve.catalog.profiles import ProfileError, check_all, select_profile
 from microserve.hardware import Gpu, Hardware, parse_cpu_max, parse_cpuinfo, parse_meminfo, parse_nvidia_smi, probe
-from microserve.profiles import ProfileError, check_all, select_profile
 
 CPU_ONLY = Hardware("test cpu", 8, 4, 2, frozenset({"avx2", "fma"}), 16000, 12000, ())
 ONE_GPU = Hardware("test cpu", 8, 4, 8, frozenset({"avx2"}), 16000, 12000, (Gpu(0, "Test GPU", 24000, 1000, 8.9),))

@@ -13,19 +13,28 @@ from microserve.errors import InvalidRequest
 from microserve.services.embeddings import encode_base64, fit, shorten
 
 INFO = EncoderInfo(
-    id="m", kind="embedding", context_length=6, vocab_size=100, dimensions=4, cls_id=1, sep_id=2, backend="t", path="/"
+    id="m",
+    kind="embedding",
+    context_length=6,
+    vocab_size=100,
+    dimensions=4,
+    backend="t",
+    path="/",
+    single_prefix=(1,),
+    single_suffix=(2,),
+    pair_overhead=3,
 )
 
 
-def test_fit_wraps_and_keeps_short_inputs() -> None:
-    assert fit([10, 11], INFO, "NONE", "x", "input") == [1, 10, 11, 2]
-    assert fit([1, 10, 11, 2], INFO, "NONE", "x", "input") == [1, 10, 11, 2]  # already wrapped
+def test_fit_keeps_short_inputs_and_unwraps_wrapped_ones() -> None:
+    assert fit([10, 11], INFO, "NONE", "x", "input") == [10, 11]
+    assert fit([1, 10, 11, 2], INFO, "NONE", "x", "input") == [10, 11]  # already wrapped: the engine wraps again
 
 
 def test_fit_truncates_each_side_or_refuses_naming_the_limit() -> None:
     ids = [10, 11, 12, 13, 14, 15]
-    assert fit(ids, INFO, "END", "x", "input") == [1, 10, 11, 12, 13, 2]
-    assert fit(ids, INFO, "START", "x", "input") == [1, 12, 13, 14, 15, 2]
+    assert fit(ids, INFO, "END", "x", "input") == [10, 11, 12, 13]
+    assert fit(ids, INFO, "START", "x", "input") == [12, 13, 14, 15]
     with pytest.raises(InvalidRequest) as info:
         fit(ids, INFO, "NONE", "input 3", "input")
     assert "limit of 6 tokens" in info.value.message and "input 3 has 8 tokens" in info.value.message

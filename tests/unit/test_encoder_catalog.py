@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 
 from microserve.catalog.manifest import Manifest, PackagedDirSource, Profile, find_manifest
-from microserve.catalog.resolve import plan_encoder, resolve_encoder
+from microserve.catalog.profiles import ProfileError
+from microserve.catalog.resolve import lookup, resolve
+from microserve.catalog.store import ArtifactError, ModelStore, sha256_file
+from microserve.engines.registry import engine_spec
 from microserve.hardware import Hardware
-from microserve.profiles import ProfileError, engine_version
 from microserve.settings import Settings
-from microserve.store import ArtifactError, ModelStore, sha256_file
 
 CPU_ONLY = Hardware("test cpu", 8, 4, 2, frozenset({"avx2", "fma"}), 16000, 12000, ())
 
@@ -28,7 +29,7 @@ def test_default_embedding_model_and_none(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def test_the_encoder_engine_is_onnx_runtime() -> None:
-    assert engine_version("encoder") == importlib.metadata.version("onnxruntime")
+    assert engine_spec("encoder").library_version() == importlib.metadata.version("onnxruntime")
 
 
 @pytest.fixture
@@ -88,30 +89,33 @@ def test_missing_package_is_a_clear_error(packaged_dir: Manifest, tmp_path: Path
 
 
 def test_builtin_embedding_model_resolves_through_its_profile(tmp_path: Path) -> None:
-    resolved = resolve_encoder("minilm", ModelStore(tmp_path / "cache"), "embedding", hardware=CPU_ONLY)
+    resolved = resolve(lookup("minilm", "embedding"), ModelStore(tmp_path / "cache"), hardware=CPU_ONLY)
     assert (resolved.name, resolved.task, resolved.engine) == ("all-minilm-l6-v2", "embedding", "encoder")
     assert resolved.profile.id == "encoder-cpu-fp32" and resolved.context_length == 256
     assert (resolved.path / "tokenizer.json").is_file() and "minilm" in resolved.aliases
     assert resolved.prefixes == {}
     with pytest.raises(ProfileError, match="no profile `llamacpp-cpu-q4_1`"):
-        resolve_encoder(
-            "all-minilm-l6-v2", ModelStore(tmp_path), "embedding", hardware=CPU_ONLY, profile="llamacpp-cpu-q4_1"
+        resolve(
+            lookup("all-minilm-l6-v2", "embedding"),
+            ModelStore(tmp_path),
+            hardware=CPU_ONLY,
+            profile="llamacpp-cpu-q4_1",
         )
 
 
 def test_resolve_encoder_directories_and_wrong_tasks(tmp_path: Path) -> None:
     store = ModelStore(tmp_path / "cache")
     with pytest.raises(ArtifactError, match="not found"):
-        resolve_encoder(str(tmp_path / "missing"), store, "ranking", hardware=CPU_ONLY)
+        resolve(lookup(str(tmp_path / "missing"), "ranking"), store, hardware=CPU_ONLY)
     folder = tmp_path / "my-reranker"
     folder.mkdir()
     (folder / "config.json").write_text("{}")
     with pytest.raises(ArtifactError, match=r"tokenizer\.json"):
-        resolve_encoder(str(folder), store, "ranking", hardware=CPU_ONLY)
+        resolve(lookup(str(folder), "ranking"), store, hardware=CPU_ONLY)
     (folder / "tokenizer.json").write_text("{}")
-    plan = plan_encoder(str(folder), "ranking")
+    plan = lookup(str(folder), "ranking").manifest
     assert [(p.id, p.engine, p.source.kind) for p in plan.profiles] == [("encoder-cpu", "encoder", "local")]
-    resolved = resolve_encoder(str(folder), store, "ranking", hardware=CPU_ONLY)
+    resolved = resolve(lookup(str(folder), "ranking"), store, hardware=CPU_ONLY)
     assert (resolved.name, resolved.task, resolved.path, resolved.builtin) == ("my-reranker", "ranking", folder, False)
     with pytest.raises(ArtifactError, match="not a model for embedding"):
-        resolve_encoder("smollm2", store, "embedding", hardware=CPU_ONLY)
+        resolve(lookup("smollm2", "embedding"), store, hardware=CPU_ONLY)

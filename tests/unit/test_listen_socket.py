@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 
-from microserve.cli import _bind
+from microserve.cli.serve import _bind
 
 
 def test_listening_socket_is_tcp_with_nagle_off() -> None:

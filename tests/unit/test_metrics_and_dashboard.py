@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 from microserve.engines.base import EncoderStats, EngineStats
-from microserve.server.metrics import Metrics
+from microserve.observability.metrics import Metrics
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "microserve-dashboard.json"
 

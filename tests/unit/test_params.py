@@ -6,7 +6,7 @@ import pytest
 
 from microserve.errors import InvalidRequest
 from microserve.protocol.chat import ChatCompletionRequest
-from microserve.services.params import resolve_max_tokens, sampling_params, stop_strings
+from microserve.services.generation import resolve_max_tokens, sampling_params, stop_strings
 
 
 def test_stop_normalisation() -> None:

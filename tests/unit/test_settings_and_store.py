@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from microserve.catalog.manifest import Manifest, PackagedSource, find_builtin
+from microserve.catalog.store import ArtifactError, ModelStore, sha256_file
 from microserve.settings import Settings
-from microserve.store import ArtifactError, ModelStore, sha256_file
 
 
 def test_env_prefix_and_cache_alias(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -14,9 +14,9 @@ import pytest
 from artifact_server import artifact_server
 
 from microserve.catalog.manifest import HttpSource, HuggingFaceSource, Manifest, Profile
-from microserve.catalog.resolve import resolve_model
+from microserve.catalog.resolve import lookup, resolve
+from microserve.catalog.store import ArtifactError, ModelStore, sha256_file
 from microserve.hardware import probe
-from microserve.store import ArtifactError, ModelStore, sha256_file
 
 PAYLOAD = os.urandom(3 * 1024 * 1024 + 123)
 DIGEST = hashlib.sha256(PAYLOAD).hexdigest()
@@ -35,7 +35,7 @@ def test_http_download_progress_verify_and_no_second_download(tmp_path: Path, ca
     with artifact_server({"/files/model.gguf": PAYLOAD}) as served:
         manifest = manifest_for(HttpSource(kind="http", url=f"{served.url}/files/model.gguf", sha256=DIGEST))
         store = ModelStore(tmp_path / "cache", tty=False)
-        with caplog.at_level(logging.INFO, logger="microserve.store"):
+        with caplog.at_level(logging.INFO, logger="microserve.catalog.store"):
             placed = store.ensure(manifest)
         assert placed == tmp_path / "cache" / "models" / "remote" / "llamacpp-cpu" / "model.gguf"
         assert placed.read_bytes() == PAYLOAD
@@ -167,7 +167,7 @@ def test_hub_file_without_manifest_is_synthesized_from_its_header(
     writer.close()
     with artifact_server({"/acme/chat/resolve/main/chat.gguf": model.read_bytes()}) as served:
         monkeypatch.setenv("HF_ENDPOINT", served.url)
-        resolved = resolve_model("hf://acme/chat/chat.gguf", ModelStore(tmp_path / "cache"), hardware=probe())
+        resolved = resolve(lookup("hf://acme/chat/chat.gguf"), ModelStore(tmp_path / "cache"), hardware=probe())
     assert (resolved.name, resolved.task, resolved.manifest.context_length) == ("acme/chat/chat", "chat", 2048)
     assert resolved.manifest.architecture == "llama" and resolved.profile.engine == "llamacpp"
     assert resolved.path.read_bytes() == model.read_bytes()

@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from microserve.services.regex_grammar import RegexError, regex_to_gbnf
-from microserve.services.structured import SchemaError, integer_range_gbnf, json_schema_gbnf
+from microserve.engines.llamacpp.regex_grammar import RegexError, regex_to_gbnf
+from microserve.engines.llamacpp.structured import SchemaError, integer_range_gbnf, json_schema_gbnf
 from microserve.services.tools import CallArguments, CallStart, TextOut, ToolCallParser
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from microserve.server.tracing import Tracing
+from microserve.observability.tracing import Tracing
 from microserve.settings import Settings
 
 

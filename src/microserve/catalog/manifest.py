@@ -16,8 +16,8 @@ from urllib.parse import urlparse
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-Task = Literal["chat", "completion", "embedding", "ranking"]
-EngineName = Literal["llamacpp", "vllm", "encoder"]
+from microserve.engines.registry import ENGINES, TEXT_TASKS, Task, default_engine
+
 DeviceKind = Literal["cpu", "nvidia"]
 
 SHA256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
@@ -125,8 +125,26 @@ class HuggingFaceSource(_Strict):
         return f"hf://{self.repo}/{self.filename}@{self.revision}"
 
 
+class DerivedSource(_Strict):
+    """An artifact made on this machine, once, from another profile's artifact of the same manifest by the engine
+    that reads the format (for GGUF: llama.cpp writing the same weights as another type, such as F16 from a
+    quantized file). The digest of what was made is recorded and checked on every later load; ``sha256`` pins it
+    when the bytes are known in advance."""
+
+    kind: Literal["derived"]
+    profile: str = Field(description="The profile whose artifact this one is made from.")
+    type: str = Field(pattern=r"^[A-Za-z0-9_]+$", description="What the engine writes, e.g. F16.")
+    file: str = Field(pattern=r"^[^/\\.][^/\\]*$", description="The name the artifact takes in the cache.")
+    sha256: SHA256 | None = None
+
+    def describe(self) -> str:
+        """Where the artifact comes from, for listings."""
+        return f"derived:{self.profile}/{self.type}"
+
+
 Source = Annotated[
-    PackagedSource | PackagedDirSource | LocalSource | HttpSource | HuggingFaceSource, Field(discriminator="kind")
+    PackagedSource | PackagedDirSource | LocalSource | HttpSource | HuggingFaceSource | DerivedSource,
+    Field(discriminator="kind"),
 ]
 
 
@@ -143,7 +161,7 @@ class Profile(_Strict):
     """One way to run a model on one kind of machine."""
 
     id: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
-    engine: EngineName
+    engine: str
     device: DeviceKind = "cpu"
     format: str = "gguf"
     quantization: str | None = None
@@ -153,6 +171,13 @@ class Profile(_Strict):
     source: Source
     defaults: EngineDefaults = Field(default_factory=EngineDefaults)
     description: str = ""
+
+    @field_validator("engine")
+    @classmethod
+    def _known_engine(cls, value: str) -> str:
+        if value not in ENGINES:
+            raise ValueError(f"unknown engine {value!r} (engines: {', '.join(ENGINES)})")
+        return value
 
 
 class Manifest(_Strict):
@@ -177,7 +202,10 @@ class Manifest(_Strict):
         if isinstance(data, dict) and "source" in data and "profiles" not in data:
             data = dict(data)
             source = data.pop("source")
-            engine = data.pop("engine", "encoder" if data.get("task") in ("embedding", "ranking") else "llamacpp")
+            task = data.get("task")
+            engine = data.pop("engine", None) or default_engine(
+                str(task), "gguf" if task in TEXT_TASKS else "safetensors"
+            )
             data["profiles"] = [{"id": f"{engine}-cpu", "engine": engine, "device": "cpu", "source": source}]
         return data
 
@@ -187,6 +215,32 @@ class Manifest(_Strict):
         if len(ids) != len(set(ids)):
             raise ValueError(f"profile ids repeat in manifest {self.id}: {ids}")
         return self
+
+    @model_validator(mode="after")
+    def _derivable(self) -> Manifest:
+        for profile in self.profiles:
+            source = profile.source
+            if not isinstance(source, DerivedSource):
+                continue
+            parent = self.profile(source.profile)
+            if parent is None:
+                raise ValueError(f"profile {profile.id} is derived from `{source.profile}`, which {self.id} lacks")
+            if isinstance(parent.source, DerivedSource):
+                raise ValueError(f"profile {profile.id} is derived from {parent.id}, which is derived itself")
+            if parent.format != profile.format:
+                raise ValueError(
+                    f"profile {profile.id} ({profile.format}) is derived from {parent.id} ({parent.format})"
+                )
+            types = ENGINES[profile.engine].derives
+            if source.type.upper() not in types:
+                can = f"derives {', '.join(sorted(types))}" if types else "derives no artifacts"
+                raise ValueError(f"profile {profile.id} asks for {source.type}; its engine {profile.engine} {can}")
+        return self
+
+    def parent(self, profile: Profile) -> Profile | None:
+        """The profile a derived profile is made from (None for others)."""
+        source = profile.source
+        return self.profile(source.profile) if isinstance(source, DerivedSource) else None
 
     def names(self) -> list[str]:
         """Every name that selects this model, lower-cased."""

@@ -1,8 +1,11 @@
-"""From a ``--model`` argument to a verified local artifact with the profile chosen for this machine.
+"""From a model argument to a verified local artifact with the profile chosen for this machine.
 
-A model is named by a catalog id or alias, by a path to a GGUF file, or by a Hugging Face file
-(``hf://owner/repo/path/file.gguf[@revision]``, also ``hf.co/...`` and ``huggingface.co/...``). Paths and Hub files
-have no manifest: one is synthesized from the GGUF header (architecture, context length, chat template).
+A model is named by a catalog id or alias, by a path to a GGUF file, by a Hugging Face file
+(``hf://owner/repo/path/file.gguf[@revision]``, also ``hf.co/...`` and ``huggingface.co/...``), or, for embedding and
+ranking models, by a sentence-transformers directory. Paths, directories and Hub files have no manifest: one is
+synthesized from what the file says (the GGUF header: architecture, context length, chat template).
+
+:func:`lookup` finds or synthesizes the manifest once; :func:`resolve` picks the profile and verifies the artifact.
 """
 
 from __future__ import annotations
@@ -15,13 +18,23 @@ from pathlib import Path
 
 from microserve.catalog.gguf_header import GgufHeader, read_header
 from microserve.catalog.manifest import HuggingFaceSource, LocalSource, Manifest, Profile, Task, find_manifest
+from microserve.catalog.profiles import select_profile
+from microserve.catalog.store import ArtifactError, ModelStore
+from microserve.engines.registry import EngineTarget, default_engine, engine_spec
 from microserve.hardware import Hardware
-from microserve.profiles import select_profile
-from microserve.store import ArtifactError, ModelStore
 
 _HF = re.compile(
     r"^(?:hf://|hf\.co/|https://huggingface\.co/|huggingface\.co/)(?P<repo>[\w.-]+/[\w.-]+)/(?P<file>[^@]+?)(?:@(?P<rev>[\w./-]+))?$"
 )
+
+
+@dataclass(frozen=True, slots=True)
+class Planned:
+    """A model as the user named it, with the manifest it was found as (``builtin``) or synthesized as."""
+
+    spec: str
+    manifest: Manifest
+    builtin: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +65,20 @@ class ResolvedModel:
         """Other names that select the model (catalog aliases)."""
         return tuple(self.manifest.aliases)
 
+    def target(self) -> EngineTarget:
+        """What the engine table needs to build this model's engine."""
+        defaults = self.profile.defaults
+        return EngineTarget(
+            engine=self.profile.engine,
+            name=self.name,
+            path=self.path,
+            task=self.task,
+            threads=defaults.threads,
+            parallel=defaults.parallel,
+            batch_size=defaults.batch_size,
+            context_length=defaults.context_length,
+        )
+
 
 def parse_hf_spec(spec: str) -> HuggingFaceSource | None:
     """The Hub file ``spec`` names, or None when it is not a Hub reference."""
@@ -71,6 +98,7 @@ def synthesize_manifest(
     """A manifest for a GGUF that the catalog does not know, from what its header says; ``size`` (bytes) sets the
     profile's memory need (the weights plus a fifth for context and scratch)."""
     task: Task = "chat" if header is None or header.chat_template else "completion"
+    engine = default_engine(task, "gguf")
     return Manifest(
         id=name,
         task=task,
@@ -80,8 +108,8 @@ def synthesize_manifest(
         architecture=header.architecture if header else None,
         profiles=[
             Profile(
-                id="llamacpp-cpu" if header is None else f"llamacpp-cpu-{header.file_type}".lower(),
-                engine="llamacpp",
+                id=f"{engine}-cpu" if header is None else f"{engine}-cpu-{header.file_type}".lower(),
+                engine=engine,
                 device="cpu",
                 format="gguf",
                 quantization=header.file_type if header else None,
@@ -92,16 +120,11 @@ def synthesize_manifest(
     )
 
 
-def plan_model(model: str, catalog_dir: Path | None = None) -> Manifest:
-    """The manifest for ``model``: from the catalog, or synthesized for a GGUF path or Hub file.
-
-    A Hub file's header is read after download, so its plan says ``chat`` until then. Raises ``ArtifactError``.
-    """
-    manifest = find_manifest(model, catalog_dir)
-    if manifest is not None:
-        return manifest
+def _gguf_manifest(model: str) -> Manifest:
+    """A manifest synthesized for a GGUF path or Hub file. Raises ``ArtifactError``."""
     hub = parse_hf_spec(model)
     if hub is not None:
+        # A Hub file's header is read after download, so its plan says ``chat`` until then.
         return synthesize_manifest(f"{hub.repo}/{Path(hub.filename).stem}", hub, None)
     path = Path(model).expanduser()
     if not path.exists():
@@ -115,71 +138,27 @@ def plan_model(model: str, catalog_dir: Path | None = None) -> Manifest:
     return synthesize_manifest(path.stem, source, read_header(path), path.stat().st_size)
 
 
-def resolve_model(
-    model: str,
-    store: ModelStore,
-    served_name: str | None = None,
-    *,
-    hardware: Hardware,
-    profile: str | None = None,
-    catalog_dir: Path | None = None,
-) -> ResolvedModel:
-    """Plan ``model``, pick its profile for ``hardware`` (``profile`` forces one), and fetch and verify its artifact.
-
-    Raises ``ArtifactError`` or ``ProfileError`` with a one-line reason when the model cannot be used.
-    """
-    manifest = plan_model(model, catalog_dir)
-    chosen = select_profile(manifest, hardware, profile)
-    path = store.ensure(manifest, chosen)
-    builtin = find_manifest(model, catalog_dir) is not None
-    if not builtin and isinstance(chosen.source, HuggingFaceSource):
-        # Now the file is here, learn from its header what the plan could not know.
-        synthesized = synthesize_manifest(manifest.id, chosen.source, read_header(path))
-        manifest = synthesized.model_copy(update={"profiles": manifest.profiles})
-    return ResolvedModel(
-        name=served_name or manifest.id,
-        path=path,
-        task=manifest.task,
-        template_family=manifest.template_family,
-        builtin=builtin,
-        manifest=manifest,
-        profile=chosen,
-        context_length=chosen.defaults.context_length or manifest.context_length,
-    )
-
-
-ENCODER_TASKS: tuple[Task, ...] = ("embedding", "ranking")
-
-
-def plan_encoder(model: str, task: Task, catalog_dir: Path | None = None) -> Manifest:
-    """The manifest for an embedding (``task="embedding"``) or cross-encoder (``task="ranking"``) model: a catalog
-    name, or a Hugging Face model directory (``config.json`` plus ``tokenizer.json``) as sentence-transformers saves
-    them, for which a one-profile manifest is synthesized.
-
-    Raises ``ArtifactError`` with a one-line reason when the model cannot be used for ``task``.
-    """
-    manifest = find_manifest(model, catalog_dir)
-    if manifest is not None:
-        if manifest.task != task:
-            raise ArtifactError(f"`{model}` is a {manifest.task} model, not a model for {task}")
-        return manifest
+def _encoder_manifest(model: str, task: Task) -> Manifest:
+    """A one-profile manifest for a Hugging Face model directory (``config.json`` plus ``tokenizer.json``) as
+    sentence-transformers saves them. Raises ``ArtifactError``."""
     path = Path(model).expanduser()
     if not path.is_dir():
         raise ArtifactError(f"{task} model directory not found: {path} (and `{model}` is not a catalog model name)")
     for needed in ("config.json", "tokenizer.json"):
         if not (path / needed).is_file():
             raise ArtifactError(f"{path} has no {needed}; save the model and its fast tokenizer there")
-    weights = path / "model.safetensors"
+    artifact_format = "safetensors" if (path / "model.safetensors").is_file() else "pytorch"
+    engine = default_engine(task, artifact_format)
     return Manifest(
         id=path.resolve().name,
         task=task,
         description=f"local:{path} (no catalog manifest; a sentence-transformers directory)",
         profiles=[
             Profile(
-                id="encoder-cpu",
-                engine="encoder",
+                id=f"{engine}-cpu",
+                engine=engine,
                 device="cpu",
-                format="safetensors" if weights.is_file() else "pytorch",
+                format=artifact_format,
                 min_memory_mb=_directory_size(path) * 3 >> 20,  # weights, their ONNX export and activations
                 source=LocalSource(kind="local", path=str(path)),
             )
@@ -191,31 +170,53 @@ def _directory_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
 
 
-def resolve_encoder(
-    model: str,
+def lookup(model: str, task: Task | None = None, catalog_dir: Path | None = None) -> Planned:
+    """The manifest for ``model``: from the catalog, or synthesized for a file.
+
+    ``task`` None asks for a model of any task named in the catalog, or a GGUF path or Hub file; ``embedding`` or
+    ``ranking`` asks for an encoder of that task (a catalog name, or a sentence-transformers directory). Raises
+    ``ArtifactError`` with a one-line reason when the model cannot be used.
+    """
+    manifest = find_manifest(model, catalog_dir)
+    if manifest is not None:
+        if task is not None and manifest.task != task:
+            raise ArtifactError(f"`{model}` is a {manifest.task} model, not a model for {task}")
+        return Planned(model, manifest, builtin=True)
+    synthesized = _gguf_manifest(model) if task is None else _encoder_manifest(model, task)
+    return Planned(model, synthesized, builtin=False)
+
+
+def resolve(
+    planned: Planned,
     store: ModelStore,
-    task: Task,
     *,
     hardware: Hardware,
+    served_name: str | None = None,
     profile: str | None = None,
-    catalog_dir: Path | None = None,
 ) -> ResolvedModel:
-    """Plan an encoder model (see :func:`plan_encoder`), pick its profile for ``hardware`` (``profile`` forces one)
-    and verify its artifact.
+    """Pick the profile of a looked-up model for ``hardware`` (``profile`` forces one), and fetch and verify its
+    artifact.
 
     Raises ``ArtifactError`` or ``ProfileError`` with a one-line reason when the model cannot be used.
     """
-    manifest = plan_encoder(model, task, catalog_dir)
+    manifest = planned.manifest
     chosen = select_profile(manifest, hardware, profile)
-    if chosen.engine != "encoder":
-        raise ArtifactError(f"profile `{chosen.id}` of {manifest.id} runs on {chosen.engine}, not the encoder engine")
+    if manifest.task not in engine_spec(chosen.engine).tasks:
+        raise ArtifactError(
+            f"profile `{chosen.id}` of {manifest.id} runs on {chosen.engine}, "
+            f"which does not serve {manifest.task} models"
+        )
     path = store.ensure(manifest, chosen)
+    if not planned.builtin and isinstance(chosen.source, HuggingFaceSource):
+        # Now the file is here, learn from its header what the plan could not know.
+        synthesized = synthesize_manifest(manifest.id, chosen.source, read_header(path))
+        manifest = synthesized.model_copy(update={"profiles": manifest.profiles})
     return ResolvedModel(
-        name=manifest.id,
+        name=served_name or manifest.id,
         path=path,
-        task=task,
-        template_family=None,
-        builtin=find_manifest(model, catalog_dir) is not None,
+        task=manifest.task,
+        template_family=manifest.template_family,
+        builtin=planned.builtin,
         manifest=manifest,
         profile=chosen,
         context_length=chosen.defaults.context_length or manifest.context_length,

@@ -1,23 +1,26 @@
 """The engine protocol: the one seam between the services and any inference library.
 
-Services hand an engine token ids and sampling parameters and read back deltas; they never see llama.cpp, vLLM
-or torch. Engines that serve text implement :class:`TextEngine`; sentence encoders (embeddings, and cross-encoders
-that score query/passage pairs) implement :class:`EncoderEngine`.
+Services hand an engine token ids, sampling parameters and an output constraint (a :class:`Guide`, stated the way
+clients state it) and read back deltas; they never see llama.cpp, vLLM or torch, nor a grammar format. Engines that
+serve text implement :class:`TextEngine`; sentence encoders (embeddings, and cross-encoders that score
+query/passage pairs) implement :class:`EncoderEngine`, and own how their inputs are laid out.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 FinishReason = Literal["stop", "length"]
-Task = Literal["chat", "completion", "embedding", "ranking"]
+GuideKind = Literal["json", "regex", "choice", "grammar", "tool_calls"]
 
 
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
-    """How to pick each next token. Neutral values disable a stage."""
+    """How to pick each next token. Neutral values disable a stage. ``max_tokens`` 0 scores the prompt only."""
 
     max_tokens: int
     temperature: float = 1.0
@@ -33,22 +36,58 @@ class SamplingParams:
 
 
 @dataclass(frozen=True, slots=True)
+class Guide:
+    """A constraint on the output, as the client stated it; each engine compiles it its own way.
+
+    ``spec`` by kind: ``json`` a JSON schema (dict); ``regex`` a pattern; ``choice`` a list of strings; ``grammar``
+    a GBNF grammar; ``tool_calls`` a dict with ``functions`` (``[name, parameters schema or None]`` pairs),
+    ``parallel`` (several calls allowed), and ``open``/``close``, the text around each call's
+    ``{"name": ..., "arguments": ...}`` object. ``param`` is the request field that carried it, for errors.
+    With a ``trigger`` the constraint holds from where that text first appears in the output (free text before);
+    without one it holds from the first token.
+    """
+
+    kind: GuideKind
+    spec: Any
+    param: str
+    trigger: str | None = None
+
+    def key(self) -> str:
+        """A stable hash of what the guide constrains, for caching what an engine compiles from it."""
+        text = json.dumps([self.kind, self.spec, self.trigger], sort_keys=True, separators=(",", ":"), default=str)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
 class GenerationRequest:
-    """One sequence to generate: the prompt as token ids, how to sample, and where to stop."""
+    """One sequence to generate: the prompt as token ids, how to sample, where to stop, and what may be output."""
 
     request_id: str
     prompt_tokens: list[int]
     params: SamplingParams
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
-    # A GBNF grammar every choice must follow (already checked with ``TextEngine.check_grammar``).
-    grammar: str | None = None
-    # Regexes that switch the grammar on where they first match in the output; empty: it holds from the start.
-    grammar_triggers: tuple[str, ...] = ()
+    # The constraint every choice must follow (already checked with ``TextEngine.check_guide``).
+    guide: Guide | None = None
     # Report logprobs with this many alternatives per token (0: the sampled token's only); None: no logprobs.
     logprobs: int | None = None
     # Independent choices of the same prompt; the engine prefills the prompt once and shares it.
     n: int = 1
+    # The LoRA adapter to generate with, by the name the engine loaded it under; None: the base model.
+    adapter: str | None = None
+    # Score the prompt: each prompt token's logprob given the tokens before it, with this many alternatives (0:
+    # the token's own only), in the first delta of choice 0. None: the prompt is not scored, and costs nothing more.
+    prompt_logprobs: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PromptSegment:
+    """A piece of a rendered chat prompt: the template's own markup, whose special-token text becomes special
+    tokens, or client content (``markup`` false), which is always tokenized as plain text, so that a client who
+    types ``<|im_end|>`` gets the characters, never the control token."""
+
+    text: str
+    markup: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +114,10 @@ class GenerationDelta:
     index: int = 0
     # One entry per generated token in this delta when logprobs were requested (end-of-turn tokens excluded).
     logprobs: list[TokenLogprob] | None = None
+    # With ``prompt_logprobs``: one entry per prompt token, None for the first (nothing precedes it).
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    # The stop string that ended the choice, when one did.
+    stop_string: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +130,6 @@ class ModelInfo:
     chat_template: str | None
     bos_token: str
     eos_token: str
-    add_bos: bool
     architecture: str
     path: str
 
@@ -103,6 +145,12 @@ class EngineStats:
     kv_total: int
     prefix_hit_tokens: int
     steps: int
+    # LoRA adapters: how many are loaded, and which the running and the waiting sequences use.
+    adapters_loaded: int = 0
+    running_adapters: tuple[str, ...] = ()
+    waiting_adapters: tuple[str, ...] = ()
+    # Adapter sets take turns at decoding: how many turns came after a wait of 0, 1, 2, ... decode steps.
+    turn_waits: tuple[int, ...] = ()
 
 
 @runtime_checkable
@@ -125,17 +173,46 @@ class TextEngine(Protocol):
         """Token ids of ``text`` with the model's tokenizer."""
         ...
 
+    def encode_prompt(self, text: str) -> list[int]:
+        """Token ids of a prompt: special-token markup parsed, and the BOS token added where the model wants one,
+        unless the text already starts with it (a chat template that renders its own BOS)."""
+        ...
+
+    def encode_segments(self, segments: Sequence[PromptSegment]) -> list[int]:
+        """Token ids of a prompt given as segments: special-token text becomes special tokens in markup segments
+        only, content segments are tokenized as plain text; BOS as :meth:`encode_prompt` adds it."""
+        ...
+
     def token_ids(self, text: str) -> list[int]:
         """Ids of a special-token string (``<end_of_turn>``); empty if the vocabulary lacks it."""
+        ...
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        """The text that token ids spell, as generated text spells it (special tokens render as nothing)."""
+        ...
+
+    def check_request(self, request: GenerationRequest) -> None:
+        """Raise InvalidRequest for what this engine cannot serve (an empty prompt, prompt plus completion beyond
+        the context, an adapter it has not loaded). Services call it while preparing a request, so that such a
+        request is a 400 before any response (a stream's 200) has started."""
         ...
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
         """Stream deltas of every choice until all finish; closing the iterator cancels the sequences."""
         ...
 
-    async def check_grammar(self, grammar: str, triggers: tuple[str, ...] = ()) -> None:
-        """Compile ``grammar`` (GBNF, lazy when ``triggers`` are given) off the event loop and cache it; raise
-        InvalidRequest if it is invalid."""
+    async def check_guide(self, guide: Guide) -> None:
+        """Compile ``guide`` off the event loop and cache it; raise InvalidRequest (naming ``guide.param``) if the
+        engine cannot enforce it."""
+        ...
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        """Make the LoRA adapter at ``path`` (in the engine's own format) available as ``name``; raise
+        InvalidRequest naming the reason if the engine cannot apply it to its model."""
+        ...
+
+    async def unload_adapter(self, name: str) -> None:
+        """Forget the adapter ``name``; sequences already running on it finish first."""
         ...
 
     def stats(self) -> EngineStats:
@@ -163,10 +240,17 @@ class EncoderInfo:
     context_length: int  # most tokens per sequence, special tokens included
     vocab_size: int
     dimensions: int  # embedding width; 1 for a cross-encoder's score
-    cls_id: int
-    sep_id: int
     backend: str
     path: str
+    # The special tokens the model's tokenizer puts before and after one text, and how many a pair adds.
+    single_prefix: tuple[int, ...] = ()
+    single_suffix: tuple[int, ...] = ()
+    pair_overhead: int = 0
+
+    @property
+    def single_overhead(self) -> int:
+        """Special tokens around one text."""
+        return len(self.single_prefix) + len(self.single_suffix)
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,6 +281,15 @@ class EncoderEngine(Protocol):
 
     def tokenize(self, text: str) -> list[int]:
         """Token ids of ``text`` without special tokens and without truncation."""
+        ...
+
+    def single(self, ids: Sequence[int]) -> EncoderInput:
+        """One text's ids laid out as the model's tokenizer lays out a single text (special tokens, segment ids)."""
+        ...
+
+    def pair(self, first: Sequence[int], second: Sequence[int]) -> EncoderInput:
+        """A query/passage pair laid out as the model's tokenizer lays out pairs (BERT: ``[CLS] a [SEP] b [SEP]``
+        with segment ids 0/1; RoBERTa/XLM-R: ``<s> a </s></s> b </s>`` without segment ids)."""
         ...
 
     async def encode(self, inputs: Sequence[EncoderInput]) -> list[list[float]]:

@@ -17,6 +17,25 @@ class ModelInfo(BaseModel):
     engine: str | None
 
 
+class AdapterInfo(BaseModel):
+    """One served LoRA adapter: its base model, rank, alpha and the format it was found in."""
+
+    name: str
+    parent: str
+    rank: int
+    alpha: float
+    format: str
+    source: str
+
+
+class CpuInfo(BaseModel):
+    """The CPUs the service found: all of them, those it may use (affinity and cgroup quota), and the quota."""
+
+    logical_cores: int
+    usable_cores: int
+    cpu_quota: float | None = Field(None, description="CPUs the cgroup quota (cpu.max) allows; null: no quota.")
+
+
 class Metadata(BaseModel):
     """``GET /v1/metadata``."""
 
@@ -25,7 +44,9 @@ class Metadata(BaseModel):
     version: str
     model_info: list[ModelInfo] = Field(serialization_alias="modelInfo")
     engines: dict[str, str | None]
+    adapters: list[AdapterInfo] = []
     repository_override: str = ""
+    cpu: CpuInfo | None = None
 
 
 class Version(BaseModel):

@@ -13,6 +13,8 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "microserve"
     root: str | None = None
+    # An adapter: the base model it runs on (``root`` is then the adapter's path), as vLLM lists them.
+    parent: str | None = None
     max_model_len: int | None = None
     task: str | None = None
     profile: str | None = None

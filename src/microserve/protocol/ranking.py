@@ -2,23 +2,31 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field
 
-from microserve.protocol.common import WireModel
+from microserve.protocol.common import Integral, WireModel
+
+MAX_PASSAGES = 1000
+# A model named explicitly must be named: "" is not "the default model".
+ModelName = Annotated[str, Field(min_length=1)]
 
 
 class TextItem(WireModel):
     text: str
 
 
+class QueryItem(WireModel):
+    text: str = Field(min_length=1)
+
+
 class RankingRequest(WireModel):
     """NIM: ``{"model", "query": {"text"}, "passages": [{"text"}], "truncate"}``."""
 
-    model: str | None = None
-    query: TextItem
-    passages: list[TextItem]
+    model: ModelName | None = None
+    query: QueryItem
+    passages: list[TextItem] = Field(min_length=1, max_length=MAX_PASSAGES)
     truncate: Literal["NONE", "END"] = "NONE"
 
 
@@ -42,10 +50,10 @@ class RankingResponse(BaseModel):
 class RerankRequest(WireModel):
     """Cohere/Jina: documents as strings or ``{"text"}`` objects; ``top_n`` keeps the best few."""
 
-    model: str | None = None
-    query: str
-    documents: list[str | TextItem]
-    top_n: int | None = Field(None, ge=1)
+    model: ModelName | None = None
+    query: str = Field(min_length=1)
+    documents: list[str | TextItem] = Field(min_length=1, max_length=MAX_PASSAGES)
+    top_n: Annotated[int, Field(ge=1), Integral] | None = None
     return_documents: bool = True
     truncate: Literal["NONE", "END"] = "END"
 

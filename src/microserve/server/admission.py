@@ -20,7 +20,7 @@ from typing import TypeVar
 from starlette.requests import Request
 
 from microserve.errors import ServiceError
-from microserve.server.logging import current_record
+from microserve.observability.record import current_record
 from microserve.server.streaming import until_disconnect
 
 T = TypeVar("T")
@@ -182,26 +182,28 @@ class Admission:
             future.set_result(None)
 
 
-def gate_for(request: Request, model_name: str) -> Admission:
-    """The admission gate of a served model."""
-    gates: dict[str, Admission] = request.app.state.admission
-    return gates[model_name]
+def _gate(request: Request, model_name: str) -> Admission | None:
+    # Gates belong to engines: a base model and the adapters on it share one engine's slots and queue.
+    model = request.app.state.models.find(model_name)
+    return request.app.state.admission.get(model.engine_key) if model is not None else None
 
 
 def shed_if_full(request: Request, model_name: str, sequences: int = 1) -> None:
     """429 at once when the model's queue is full: checked before templating and tokenizing the request."""
-    gate = request.app.state.admission.get(model_name)
+    gate = _gate(request, model_name)
     if gate is not None:
         gate.check_capacity(sequences)
 
 
 async def admit(request: Request, model_name: str, sequences: int = 1) -> Ticket:
-    """Wait for slots of the model for ``sequences`` engine sequences; a client that disconnects meanwhile leaves
-    the queue.
+    """Wait for slots of the model's engine for ``sequences`` engine sequences; a client that disconnects meanwhile
+    leaves the queue.
 
     The slots are also released when the response ends, whatever happens to the route's own release.
     """
-    gate = gate_for(request, model_name)
+    gate = _gate(request, model_name)
+    if gate is None:  # pragma: no cover - the services found the model before admission
+        raise KeyError(model_name)
     # Most requests find a free slot; only one that has to queue needs watching for its client leaving.
     ticket = gate.try_acquire(sequences)
     if ticket is None:

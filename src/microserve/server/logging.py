@@ -8,56 +8,57 @@ appear (the Authorization header is not logged).
 
 from __future__ import annotations
 
-import contextvars
 import json
 import logging
+import re
 import secrets
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-if TYPE_CHECKING:
-    from microserve.server.tracing import Tracing
+from microserve.observability.record import RequestRecord, close_record, open_record
+from microserve.observability.tracing import Tracing
 
 log = logging.getLogger("microserve.access")
 
 _PROMPT_FIELDS = ("messages", "prompt", "input", "query", "documents")
 _LOG_PROMPT_CHARS = 4096
+# A value written bare in a text line: printable ASCII without spaces or quotes. Anything else is JSON-quoted, so a
+# client cannot break a line (a %0A in the path) or forge `key=value` pairs in it.
+_BARE = re.compile(r"[!#-~]*")
+# Control characters (and the Unicode line separators) that would let text start a new log line.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
-@dataclass(slots=True)
-class RequestRecord:
-    """What one request did, filled in by the layers it passes through and logged when it ends."""
-
-    request_id: str
-    model: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    ttft: float | None = None
-    queue_time: float = 0.0
-    finish_reason: str | None = None
-    # Run when the response is over, however it ended: frees admission slots a stream never got to release.
-    cleanups: list[Callable[[], None]] = field(default_factory=list)
+def _bare_or_quoted(value: object) -> object:
+    if isinstance(value, str) and not _BARE.fullmatch(value):
+        return json.dumps(value)
+    return value
 
 
-_current: contextvars.ContextVar[RequestRecord | None] = contextvars.ContextVar("microserve_request", default=None)
+class TextFormatter(logging.Formatter):
+    """Text log lines with control characters in the message escaped, so that client text quoted in a message
+    (a path, a model name) never starts a line of its own; tracebacks keep their lines."""
 
-
-def current_record() -> RequestRecord | None:
-    """The record of the request being served in this context, if any."""
-    return _current.get()
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        """The record's line, its message made single-line."""
+        if _CONTROL.search(record.message):
+            record.message = _CONTROL.sub(lambda m: json.dumps(m.group())[1:-1], record.message)
+        return super().formatMessage(record)
 
 
 class JsonFormatter(logging.Formatter):
-    """Log records as JSON lines; a record's ``fields`` extra is merged into the object."""
+    """Log records as JSON lines, timestamped in UTC; a record's ``fields`` extra is merged into the object."""
+
+    machine_readable = True  # progress bars stay off the stream this writes to (microserve.progress)
 
     def format(self, record: logging.LogRecord) -> str:
         """One JSON object."""
         out: dict[str, Any] = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            # UTC (the Z), from this formatter alone: the process's other formatters keep local time.
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
         }
@@ -76,9 +77,8 @@ def configure_logging(level: str, log_format: str) -> None:
     handler = logging.StreamHandler()
     if log_format == "json":
         handler.setFormatter(JsonFormatter())
-        logging.Formatter.converter = time.gmtime
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -131,8 +131,7 @@ class RequestLogMiddleware:
         # 128 random bits as 32 hex digits, the shape of a UUID's hex without the cost of building one.
         request_id = request_id or secrets.token_hex(16)
         scope.setdefault("state", {})["request_id"] = request_id
-        record = RequestRecord(request_id)
-        token = _current.set(record)
+        record, token = open_record(request_id)
         started = time.perf_counter()
         status = 500
         body: list[bytes] = []
@@ -162,7 +161,7 @@ class RequestLogMiddleware:
             else:
                 await self.app(scope, receive_copy if self.log_prompts else receive, send_with_id)
         finally:
-            _current.reset(token)
+            close_record(token)
             for cleanup in record.cleanups:
                 cleanup()
             if self.on_response is not None:
@@ -186,5 +185,12 @@ class RequestLogMiddleware:
         }
         if self.log_prompts and body:
             fields["prompt"] = _prompt_of(b"".join(body))
-        text = " ".join(f"{k}={json.dumps(v) if isinstance(v, str) and ' ' in v else v}" for k, v in fields.items())
+        text = " ".join(f"{k}={_bare_or_quoted(v)}" for k, v in fields.items())
         log.info("%s", text, extra={"fields": {"message": "request", **fields}})
+
+
+def route_label(scope: Mapping[str, object]) -> str:
+    """The matched route's template (bounded cardinality), or ``unmatched``."""
+    route = scope.get("route")
+    path = getattr(route, "path", None)
+    return path if isinstance(path, str) else "unmatched"

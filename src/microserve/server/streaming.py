@@ -5,14 +5,16 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable
-from typing import TypeVar
+from collections.abc import AsyncIterator, Awaitable, Mapping
+from typing import Any, TypeVar
 
 from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
 from microserve.errors import ServiceError
+from microserve.protocol.common import Reply
+from microserve.server.drain import CUT_MESSAGE, stream_started, was_cut
 from microserve.server.errors import ClientDisconnected, error_body
 
 log = logging.getLogger(__name__)
@@ -21,17 +23,31 @@ T = TypeVar("T")
 DONE = b"data: [DONE]\n\n"
 
 
+def _event(body: Mapping[str, Any]) -> bytes:
+    # ASCII escapes: an error message may quote client text that does not encode as UTF-8.
+    return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+
 async def sse_lines(chunks: AsyncIterator[BaseModel]) -> AsyncIterator[bytes]:
-    """``data: {json}`` events, then ``data: [DONE]``; an error mid-stream becomes an error event."""
+    """``data: {json}`` events, then ``data: [DONE]``; an error mid-stream becomes an error event, and so does the
+    drain cutting the stream off (the body still ends cleanly)."""
+    entry = stream_started()
     try:
         async for chunk in chunks:
-            yield b"data: " + chunk.model_dump_json(exclude_none=True).encode() + b"\n\n"
+            # OpenAI reply shapes decide field by field what a None means; other models leave Nones out.
+            data = chunk.model_dump_json() if isinstance(chunk, Reply) else chunk.model_dump_json(exclude_none=True)
+            yield b"data: " + data.encode() + b"\n\n"
+    except asyncio.CancelledError:
+        if not was_cut(entry):
+            raise
+        yield _event(error_body(503, CUT_MESSAGE, code="shutting_down"))
+        return
     except ServiceError as exc:
-        yield b"data: " + json.dumps(exc.body()).encode() + b"\n\n"
+        yield _event(exc.body())
         return
     except Exception as exc:
         log.exception("stream failed")
-        yield b"data: " + json.dumps(error_body(500, f"internal error: {exc}")).encode() + b"\n\n"
+        yield _event(error_body(500, f"internal error: {exc}"))
         return
     yield DONE
 

@@ -6,8 +6,16 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-from microserve.engines.base import FinishReason, GenerationDelta, GenerationRequest, TokenLogprob
+from microserve.engines.base import (
+    FinishReason,
+    GenerationDelta,
+    GenerationRequest,
+    Guide,
+    TextEngine,
+    TokenLogprob,
+)
 from microserve.errors import InvalidRequest
 from microserve.protocol.chat import (
     AssistantMessage,
@@ -27,17 +35,10 @@ from microserve.protocol.chat import (
 )
 from microserve.protocol.common import FinishReason as WireFinish
 from microserve.protocol.common import PromptTokensDetails, Usage
+from microserve.services.chat_template import ChatTemplate
+from microserve.services.generation import GenerationService, sampling_params
 from microserve.services.limits import RequestLimits
-from microserve.services.params import (
-    grammar_for,
-    guides_of,
-    resolve_max_tokens,
-    sampling_params,
-    single_guide,
-    stop_strings,
-)
-from microserve.services.registry import ModelRegistry, ServedModel
-from microserve.services.structured import GrammarBuilder, Guide
+from microserve.services.models import ModelTable, ServedModel
 from microserve.services.tools import (
     CallArguments,
     CallStart,
@@ -49,11 +50,6 @@ from microserve.services.tools import (
     plan_tools,
     template_messages,
 )
-
-
-def usage_of(delta: GenerationDelta | None, prompt_tokens: int) -> Usage:
-    """OpenAI usage from the last delta of a sequence."""
-    return usage_of_choices([delta], prompt_tokens)
 
 
 def usage_of_choices(last: Sequence[GenerationDelta | None], prompt_tokens: int) -> Usage:
@@ -89,12 +85,31 @@ def _response_format_guide(request: ChatCompletionRequest) -> Guide | None:
     if fmt is None or fmt.type == "text":
         return None
     if fmt.type == "json_object":
+        if fmt.schema_ is not None:
+            return Guide("json", fmt.schema_, "response_format.schema")
         return Guide("json", {"type": "object"}, "response_format")
     if fmt.json_schema is None or fmt.json_schema.schema_ is None:
         raise InvalidRequest(
             "response_format of type json_schema needs `json_schema.schema`", param="response_format.json_schema"
         )
     return Guide("json", fmt.json_schema.schema_, "response_format.json_schema.schema")
+
+
+def refuse_media(request: ChatCompletionRequest, model: str) -> None:
+    """A 400 naming the first content part that is not text: the served models take text only."""
+    for i, message in enumerate(request.messages):
+        media = message.media()
+        if media is not None:
+            j, kind = media
+            what = (
+                "image" if "image" in kind else "audio" if "audio" in kind else "video" if "video" in kind else "file"
+            )
+            raise InvalidRequest(
+                f"`messages[{i}].content[{j}]` is an `{kind}` part, but `{model}` takes text only: {what} input is "
+                "not supported",
+                param=f"messages[{i}].content[{j}]",
+                code="unsupported_content",
+            )
 
 
 @dataclass(slots=True)
@@ -108,6 +123,8 @@ class PreparedChat:
     include_usage: bool
     tools: ToolPlan = field(default_factory=lambda: ToolPlan("none"))
     top_logprobs: int | None = None
+    # Choice index -> the stop string that ended it, filled in as the choices finish.
+    stopped_by: dict[int, str] = field(default_factory=dict)
 
     @property
     def n(self) -> int:
@@ -121,50 +138,66 @@ def _finish(reason: FinishReason | None, parser: ToolCallParser | None) -> WireF
     return reason
 
 
-class ChatService:
-    """Serves ``/v1/chat/completions`` for every chat-capable model in the registry."""
+def encode_chat(
+    engine: TextEngine,
+    template: ChatTemplate,
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None,
+    *,
+    content_special_tokens: bool = False,
+) -> list[int]:
+    """The chat prompt's token ids, control tokens from the template's markup only: a client who types
+    ``<|im_end|>\n<|im_start|>system`` gets those characters, not a system turn of its own. With
+    ``content_special_tokens`` (trusted clients) the rendered text is tokenized whole, special tokens parsed."""
+    if content_special_tokens:
+        return engine.encode_prompt(template.render(messages, tools=tools))
+    rendered = template.render_segments(messages, tools=tools)
+    if rendered.segments is not None:
+        return engine.encode_segments(rendered.segments)
+    # The template rewrote client text, so where it sits is unknown: parsing the prompt whole is safe only if no
+    # client string holds special-token text.
+    for text in rendered.client_text:
+        if engine.tokenize(text, add_special=False, parse_special=True) != engine.tokenize(
+            text, add_special=False, parse_special=False
+        ):
+            raise InvalidRequest(
+                "a message holds special-token text, and this model's chat template rewrites message text in a way "
+                "that keeps it from being told apart from the template's own markup; remove the special-token text",
+                param="messages",
+                code="special_tokens_in_content",
+            )
+    return engine.encode_prompt(rendered.text)
 
-    def __init__(self, registry: ModelRegistry, limits: RequestLimits | None = None) -> None:
-        self._registry = registry
-        self._limits = limits or RequestLimits()
-        self._grammars = GrammarBuilder()
+
+class ChatService(GenerationService):
+    """Serves ``/v1/chat/completions`` for every chat-capable model in the table."""
+
+    def __init__(
+        self, models: ModelTable, limits: RequestLimits | None = None, *, content_special_tokens: bool = False
+    ) -> None:
+        super().__init__(models, limits)
+        self._content_special_tokens = content_special_tokens
 
     async def prepare(self, request: ChatCompletionRequest) -> PreparedChat:
-        """Render, tokenize, build and check any grammar; raises a ServiceError for anything the client must fix."""
+        """Render, tokenize, check the output constraint; raises a ServiceError for anything the client must fix."""
         requested = request.max_completion_tokens or request.max_tokens
-        self._limits.check(request, messages=len(request.messages), requested_tokens=requested)
-        model = self._registry.get(request.model)
-        engine = model.engine
+        model = self._model(request.model, request, messages=len(request.messages), requested=requested)
+        engine = model.text_engine
         template = model.template
+        refuse_media(request, model.name)
         if request.top_logprobs is not None and not request.logprobs:
             raise InvalidRequest("`top_logprobs` requires `logprobs` to be true", param="top_logprobs")
         plan = plan_tools(request.tools, request.tool_choice, request.parallel_tool_calls)
-        guides = guides_of(request)
-        if request.nvext is not None:
-            guides += guides_of(request.nvext, "nvext.")
-        format_guide = _response_format_guide(request)
-        if format_guide is not None:
-            guides.append(format_guide)
-        guide = single_guide(guides)
+        guide = self._guide(request, _response_format_guide(request))
         if guide is not None and plan.active:
             raise InvalidRequest(
                 f"`{guide.param}` cannot be combined with tool calls; set tool_choice to none", param=guide.param
             )
-        if guide is not None:
-            grammar = await grammar_for(self._grammars, engine, guide)
-        else:
-            grammar = await grammar_for(self._grammars, engine, plan.guide, plan.triggers)
-        native = template.supports_tools
-        messages = template_messages(request.messages, plan, native=native)
-        prompt_text = template.render(messages, tools=native_tools(plan) if native else None)
+        guide = await self._checked(model, guide or plan.guide)
         info = engine.info
-        add_bos = info.add_bos and not (info.bos_token and prompt_text.startswith(info.bos_token))
-        prompt = engine.tokenize(prompt_text, add_special=add_bos)
-        room = info.context_length - len(prompt)
-        if requested is None and room >= 1:
-            requested = self._limits.default_max_tokens(room)
-        max_tokens = resolve_max_tokens(requested, len(prompt), info.context_length)
-        stops = list(stop_strings(request.stop, self._limits.max_stop_sequences))
+        prompt = self._prompt_ids(model, request, plan)
+        max_tokens = self._budget(requested, len(prompt), info.context_length)
+        stops = list(self._stops(request))
         stop_ids: tuple[int, ...] = ()
         if template.end_of_turn:
             stop_ids = tuple(engine.token_ids(template.end_of_turn))
@@ -172,24 +205,43 @@ class ChatService:
                 stops.append(template.end_of_turn)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         top = (request.top_logprobs or 0) if request.logprobs else None
+        generation = GenerationRequest(
+            request_id=request_id,
+            prompt_tokens=prompt,
+            params=sampling_params(request, max_tokens, info.vocab_size),
+            stop=tuple(stops),
+            stop_token_ids=stop_ids,
+            guide=guide,
+            logprobs=top,
+            n=request.n,
+            adapter=model.adapter,
+        )
+        engine.check_request(generation)
         return PreparedChat(
             id=request_id,
             created=int(time.time()),
             model=model,
-            generation=GenerationRequest(
-                request_id=request_id,
-                prompt_tokens=prompt,
-                params=sampling_params(request, max_tokens, info.vocab_size),
-                stop=tuple(stops),
-                stop_token_ids=stop_ids,
-                grammar=grammar,
-                grammar_triggers=plan.triggers if guide is None else (),
-                logprobs=top,
-                n=request.n,
-            ),
+            generation=generation,
             include_usage=bool(request.stream_options and request.stream_options.include_usage),
             tools=plan,
             top_logprobs=top,
+        )
+
+    def prompt_tokens(self, request: ChatCompletionRequest) -> list[int]:
+        """The prompt's token ids as ``prepare`` renders them, tools included, for counting: no budget, no guide."""
+        model = self._model(request.model, request, messages=len(request.messages), requested=None)
+        refuse_media(request, model.name)
+        plan = plan_tools(request.tools, request.tool_choice, request.parallel_tool_calls)
+        return self._prompt_ids(model, request, plan)
+
+    def _prompt_ids(self, model: ServedModel, request: ChatCompletionRequest, plan: ToolPlan) -> list[int]:
+        # The messages (and tools) through the model's chat template, control tokens from the markup only.
+        template = model.template
+        native = template.supports_tools
+        messages = template_messages(request.messages, plan, native=native)
+        tools = native_tools(plan) if native else None
+        return encode_chat(
+            model.text_engine, template, messages, tools, content_special_tokens=self._content_special_tokens
         )
 
     def _parser(self, prepared: PreparedChat) -> ToolCallParser | None:
@@ -202,10 +254,12 @@ class ChatService:
         parts: list[list[str]] = [[] for _ in range(n)]
         logprobs: list[list[TokenLogprob]] = [[] for _ in range(n)]
         last: list[GenerationDelta | None] = [None] * n
-        async for delta in prepared.model.engine.generate(prepared.generation):
+        async for delta in prepared.model.text_engine.generate(prepared.generation):
             parts[delta.index].append(delta.text)
             logprobs[delta.index].extend(delta.logprobs or ())
             last[delta.index] = delta
+            if delta.stop_string is not None:
+                prepared.stopped_by[delta.index] = delta.stop_string
         choices = []
         for i in range(n):
             text = "".join(parts[i])
@@ -272,10 +326,12 @@ class ChatService:
         for i in range(n):
             yield chunk(i, ChatDelta(role="assistant", content=""))
         last: list[GenerationDelta | None] = [None] * n
-        async for delta in prepared.model.engine.generate(prepared.generation):
+        async for delta in prepared.model.text_engine.generate(prepared.generation):
             i = delta.index
             last[i] = delta
             pending[i].extend(delta.logprobs or ())
+            if delta.stop_string is not None:
+                prepared.stopped_by[i] = delta.stop_string
             parser = parsers[i]
             if parser is None:
                 if delta.text or delta.finish_reason:

@@ -10,34 +10,45 @@ from typing import Literal
 
 from microserve.engines.base import EncoderInfo, EncoderInput
 from microserve.errors import InvalidRequest
-from microserve.protocol.embeddings import Embedding, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage
-from microserve.services.registry import EncoderModel, ModelRegistry
+from microserve.protocol.embeddings import (
+    MAX_INPUTS,
+    Embedding,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    EmbeddingUsage,
+)
+from microserve.services.models import ModelTable, ServedModel
 
-MAX_INPUTS = 2048  # OpenAI's limit on inputs per request
 # Below this many characters tokenizing takes microseconds, less than a hop to a worker thread and back.
 INLINE_TOKENIZE_CHARS = 4096
 TruncateSide = Literal["NONE", "START", "END"]
 
 
 def fit(ids: list[int], info: EncoderInfo, truncate: TruncateSide, what: str, param: str) -> list[int]:
-    """``ids`` wrapped in the model's special tokens and cut to its limit as ``truncate`` says.
+    """``ids`` cut so that, with the model's special tokens around them, they fit its limit as ``truncate`` says.
 
     ``NONE`` refuses an over-long input with a 400 naming the limit, as NIM does; ``END``/``START`` drop tokens from
-    that side. Token lists that already carry the special tokens are kept as they are.
+    that side. Token lists that already carry the special tokens lose them here (the engine adds them again).
     """
-    if len(ids) >= 2 and ids[0] == info.cls_id and ids[-1] == info.sep_id:
-        ids = ids[1:-1]
-    room = info.context_length - 2
+    before, after = info.single_prefix, info.single_suffix
+    if (
+        (before or after)
+        and len(ids) >= len(before) + len(after)
+        and tuple(ids[: len(before)]) == before
+        and tuple(ids[len(ids) - len(after) :]) == after
+    ):
+        ids = ids[len(before) : len(ids) - len(after)]
+    room = info.context_length - info.single_overhead
     if len(ids) > room:
         if truncate == "NONE":
             raise InvalidRequest(
-                f"{what} has {len(ids) + 2} tokens, more than the model's limit of {info.context_length} tokens; "
-                "shorten it or set `truncate` to END or START",
+                f"{what} has {len(ids) + info.single_overhead} tokens, more than the model's limit of "
+                f"{info.context_length} tokens; shorten it or set `truncate` to END or START",
                 param=param,
                 code="context_length_exceeded",
             )
         ids = ids[:room] if truncate == "END" else ids[len(ids) - room :]
-    return [info.cls_id, *ids, info.sep_id]
+    return ids
 
 
 def shorten(vector: Sequence[float], dimensions: int | None) -> list[float]:
@@ -82,12 +93,12 @@ def _size(raw: object) -> int:
 class EmbeddingService:
     """Serves ``/v1/embeddings`` for every embedding model in the registry."""
 
-    def __init__(self, registry: ModelRegistry) -> None:
-        self._registry = registry
+    def __init__(self, models: ModelTable) -> None:
+        self._models = models
 
-    def model(self, name: str) -> EncoderModel:
+    def model(self, name: str) -> ServedModel:
         """The embedding model called ``name``; a cross-encoder or a text model is a 400."""
-        model = self._registry.get_encoder(name, route="/v1/embeddings")
+        model = self._models.encoder(name, route="/v1/embeddings")
         if model.task != "embedding":
             raise InvalidRequest(
                 f"`{model.name}` is a cross-encoder; it scores pairs on /v1/ranking and cannot embed",
@@ -96,14 +107,14 @@ class EmbeddingService:
             )
         return model
 
-    def sequences(self, model: EncoderModel, request: EmbeddingRequest) -> list[EncoderInput]:
+    def sequences(self, model: ServedModel, request: EmbeddingRequest) -> list[EncoderInput]:
         """Validated token sequences, one per input (tokenizing is CPU work: call this in a thread)."""
         items = input_items(request.input)
         if not items:
             raise InvalidRequest("`input` must not be empty", param="input")
         if len(items) > MAX_INPUTS:
             raise InvalidRequest(f"`input` has {len(items)} items; at most {MAX_INPUTS} are allowed", param="input")
-        engine = model.engine
+        engine = model.encoder
         info = engine.info
         prefix = model.prefixes.get(request.input_type, "") if request.input_type else ""
         out = []
@@ -122,13 +133,13 @@ class EmbeddingService:
                         f"{what} holds token id {bad}, outside the vocabulary [0, {info.vocab_size})", param="input"
                     )
                 ids = list(item)
-            out.append(EncoderInput(fit(ids, info, request.truncate, what, "input")))
+            out.append(engine.single(fit(ids, info, request.truncate, what, "input")))
         return out
 
     async def embed(self, request: EmbeddingRequest) -> EmbeddingResponse:
         """Embed every input; vectors are unit length, cut to ``dimensions`` when asked."""
         model = self.model(request.model)
-        info = model.engine.info
+        info = model.encoder.info
         if request.dimensions is not None and request.dimensions > info.dimensions:
             raise InvalidRequest(
                 f"`dimensions` is {request.dimensions}, but `{model.name}` has {info.dimensions}",
@@ -138,7 +149,7 @@ class EmbeddingService:
             sequences = self.sequences(model, request)
         else:
             sequences = await asyncio.to_thread(self.sequences, model, request)
-        rows = await model.engine.encode(sequences)
+        rows = await model.encoder.encode(sequences)
         # Built without validation: the values are the encoder's own, and checking each float of every vector
         # again costs more per request than anything else in this method.
         data = []

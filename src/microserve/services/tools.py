@@ -21,9 +21,9 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from microserve.engines.base import Guide
 from microserve.errors import InvalidRequest
 from microserve.protocol.chat import ChatMessage, NamedToolChoice, ToolDefinition
-from microserve.services.structured import Guide
 
 OPEN = "<tool_call>"
 CLOSE = "</tool_call>"
@@ -50,9 +50,9 @@ class ToolPlan:
     mode: ToolMode
     tools: tuple[ToolDefinition, ...] = ()
     parallel: bool = True
+    # Required and named: the output is calls from the start; auto: from where the model opens one (the guide's
+    # trigger), so a call it starts is always valid.
     guide: Guide | None = None
-    # Auto: the grammar switches on once the model opens a call, so a call it starts is always valid.
-    triggers: tuple[str, ...] = ()
 
     @property
     def names(self) -> frozenset[str]:
@@ -81,19 +81,24 @@ def plan_tools(tools: list[ToolDefinition] | None, choice: str | NamedToolChoice
                 param="tool_choice",
             )
         chosen = [t for t in tools if t.function.name == choice.function.name]
-        return ToolPlan("named", tuple(tools), False, _guide(chosen, parallel=False))
+        return ToolPlan("named", tuple(tools), False, _guide(chosen, parallel=False, lazy=False))
     if choice in ("required", "auto") and not tools:
         raise InvalidRequest(f"tool_choice {choice!r} needs at least one tool in `tools`", param="tool_choice")
     if choice == "required":
-        return ToolPlan("required", tuple(tools), parallel, _guide(tools, parallel=parallel))
+        return ToolPlan("required", tuple(tools), parallel, _guide(tools, parallel=parallel, lazy=False))
     if choice == "auto":
-        return ToolPlan("auto", tuple(tools), parallel, _guide(tools, parallel=parallel), (re.escape(OPEN),))
+        return ToolPlan("auto", tuple(tools), parallel, _guide(tools, parallel=parallel, lazy=True))
     return ToolPlan("none", tuple(tools), parallel)
 
 
-def _guide(tools: list[ToolDefinition], *, parallel: bool) -> Guide:
-    spec = {"functions": [[t.function.name, t.function.parameters] for t in tools], "parallel": parallel}
-    return Guide("tools", spec, "tools")
+def _guide(tools: list[ToolDefinition], *, parallel: bool, lazy: bool) -> Guide:
+    spec = {
+        "functions": [[t.function.name, t.function.parameters] for t in tools],
+        "parallel": parallel,
+        "open": f"{OPEN}\n",
+        "close": f"\n{CLOSE}",
+    }
+    return Guide("tool_calls", spec, "tools", trigger=OPEN if lazy else None)
 
 
 # -- rendering ------------------------------------------------------------------------------------------------

@@ -81,7 +81,7 @@ class SentenceEncoder:
             OnnxForward(onnx_path, self.config.kind, layout, threads=threads, pad_id=tokenizer.pad_id)
             for _ in range(workers)
         ]
-        probe = [EncoderInput([tokenizer.cls_id, *tokenizer.encode("warm up"), tokenizer.sep_id])]
+        probe = [self._single(tokenizer, tokenizer.encode("warm up"))]
         # Every session runs once before the first request, so none pays its set-up inside a request.
         warm = [forward(probe) for forward in forwards]
         info = EncoderInfo(
@@ -90,10 +90,11 @@ class SentenceEncoder:
             context_length=layout.max_tokens,
             vocab_size=tokenizer.vocab_size,
             dimensions=len(warm[0][0]),
-            cls_id=tokenizer.cls_id,
-            sep_id=tokenizer.sep_id,
             backend=forwards[0].name,
             path=str(path),
+            single_prefix=tokenizer.layout.single[0],
+            single_suffix=tokenizer.layout.single[1],
+            pair_overhead=tokenizer.layout.pair_overhead,
         )
         batcher: DynamicBatcher[EncoderInput, list[float]] = DynamicBatcher(
             forwards,
@@ -128,9 +129,26 @@ class SentenceEncoder:
 
     def tokenize(self, text: str) -> list[int]:
         """Token ids of ``text`` without special tokens and without truncation."""
+        return self._tokenizer_or_raise().encode(text)
+
+    @staticmethod
+    def _single(tokenizer: WordTokenizer, ids: Sequence[int]) -> EncoderInput:
+        tokens, types = tokenizer.layout.lay_out_single(list(ids))
+        return EncoderInput(tokens, types)
+
+    def _tokenizer_or_raise(self) -> WordTokenizer:
         if self._tokenizer is None:
             raise NotReady("the encoder is still loading")
-        return self._tokenizer.encode(text)
+        return self._tokenizer
+
+    def single(self, ids: Sequence[int]) -> EncoderInput:
+        """One text's ids with the special tokens and segment ids the model's tokenizer gives a single text."""
+        return self._single(self._tokenizer_or_raise(), ids)
+
+    def pair(self, first: Sequence[int], second: Sequence[int]) -> EncoderInput:
+        """A pair laid out as the model's tokenizer lays out pairs."""
+        tokens, types = self._tokenizer_or_raise().layout.lay_out_pair(list(first), list(second))
+        return EncoderInput(tokens, types)
 
     async def encode(self, inputs: Sequence[EncoderInput]) -> list[list[float]]:
         """Rows for ``inputs``, sharing forward passes with concurrent requests."""

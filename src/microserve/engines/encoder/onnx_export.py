@@ -9,6 +9,7 @@ is then wrong for every shape but the example's.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import subprocess
 import sys
@@ -16,6 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from microserve.engines.base import EncoderKind
+from microserve.progress import Progress
+
+log = logging.getLogger(__name__)
 
 EXPORT_FORMAT = 1  # bump when the exported graph's inputs or outputs change
 _WEIGHTS = ("model.safetensors", "pytorch_model.bin", "config.json")
@@ -44,10 +48,13 @@ def exported_model(path: Path, kind: EncoderKind, cache_dir: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".model.{os.getpid()}.onnx")
     cmd = [sys.executable, "-m", "microserve.engines.encoder.onnx_export", str(path), str(tmp), kind]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if proc.returncode != 0 or not tmp.is_file():
-        tmp.unlink(missing_ok=True)
-        raise ExportError(f"exporting {path} to ONNX failed:\n{proc.stderr[-2000:]}")
+    # Once per model and machine, and the longest wait of a first start (torch loads, traces and writes the graph).
+    label = f"{path.resolve().name} to ONNX (once)"
+    with Progress(label, None, action="exporting", finished="exported", unit=None, logger=log):
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if proc.returncode != 0 or not tmp.is_file():
+            tmp.unlink(missing_ok=True)
+            raise ExportError(f"exporting {path} to ONNX failed:\n{proc.stderr[-2000:]}")
     os.replace(tmp, target)
     return target
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import collections.abc
 import ctypes
 import logging
-import os
+import re
 from collections.abc import AsyncIterator
+from collections.abc import Sequence as Ids
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -17,19 +19,32 @@ from microserve.engines.base import (
     FinishReason,
     GenerationDelta,
     GenerationRequest,
+    Guide,
     ModelInfo,
+    PromptSegment,
     TokenLogprob,
 )
-from microserve.engines.llamacpp.grammar import GrammarCache, install_log_capture
+from microserve.engines.llamacpp.grammar import GrammarCache
+from microserve.engines.llamacpp.log import install_log_capture
+from microserve.engines.llamacpp.lora import AdapterUnavailable, LoraSet
+from microserve.engines.llamacpp.prompt_tokens import ControlTexts, encode_segments
 from microserve.engines.llamacpp.sampling import SequenceSampler, build_sampler
-from microserve.engines.llamacpp.scheduler import Admitted, Event, Failure, Scheduler, Sequence, Token
+from microserve.engines.llamacpp.scheduler import (
+    Admitted,
+    Event,
+    Failure,
+    PromptScores,
+    Scheduler,
+    Sequence,
+    Token,
+)
 from microserve.engines.llamacpp.sequence import TextAssembler
+from microserve.engines.llamacpp.structured import GrammarBuilder
+from microserve.engines.llamacpp.threads import ThreadPolicy
 from microserve.errors import EngineFailure, InvalidRequest, NotReady
+from microserve.hardware import usable_cores
 
 log = logging.getLogger(__name__)
-
-# llama-cpp-python prints every llama.cpp log line to stderr unless its logger says otherwise.
-logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
 
 DEFAULT_CONTEXT = 4096
 
@@ -43,17 +58,13 @@ class LlamaCppConfig:
     parallel: int = 8
     context_length: int | None = None
     threads: int | None = None
+    # Follow the CPUs other processes leave free, up to ``threads`` (threads.py); else always ``threads``.
+    adaptive_threads: bool = False
     batch_size: int = 256
     prefill_chunk: int | None = None
     prefix_cache: bool = True
-
-
-def usable_cores() -> int:
-    """CPU cores this process may run on (its affinity mask), at least 1."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
+    # LoRA adapters kept loaded at once; more may be registered, loaded on demand.
+    max_loras: int = 16
 
 
 class LlamaCppEngine:
@@ -69,7 +80,12 @@ class LlamaCppEngine:
         self._pieces: dict[int, bytes] = {}
         self._eog: frozenset[int] = frozenset()
         self._grammars: GrammarCache | None = None
+        self._loras: LoraSet | None = None
+        self._builder = GrammarBuilder()
         self._n_vocab = 0
+        self._add_bos = False
+        self._controls = ControlTexts({})
+        self._threads: ThreadPolicy | None = None
         self._ready = False
 
     # -- lifecycle --------------------------------------------------------------------------------------------
@@ -91,15 +107,32 @@ class LlamaCppEngine:
         await asyncio.to_thread(self._load)
         assert self._scheduler is not None and self._ctx is not None
         await asyncio.wrap_future(self._scheduler.start(partial(self._warm_up, self._ctx)))
+        threads = self.config.threads or usable_cores()
+        if self.config.adaptive_threads and threads > 1:
+            self._threads = ThreadPolicy(threads, self._set_threads)
+            self._threads.start()
         self._ready = True
         log.info("model %s ready", self.config.model_id)
+
+    def _set_threads(self, threads: int) -> None:
+        # Called from the policy's thread while the engine thread decodes. llama.cpp reads the count from the
+        # context's parameters when each decode starts; the call only stores two aligned 32-bit ints, so a decode
+        # under way keeps the count it started with and the next one takes the new count.
+        if self._ctx is not None:
+            L.llama_set_n_threads(self._ctx, threads, threads)
 
     async def shutdown(self) -> None:
         """Stop the engine thread and free llama.cpp's memory."""
         self._ready = False
+        if self._threads is not None:
+            await asyncio.to_thread(self._threads.stop)
+            self._threads = None
         if self._scheduler is not None:
             await asyncio.to_thread(self._scheduler.stop)
             self._scheduler = None
+        if self._loras is not None:
+            self._loras.free_all()  # the engine thread has stopped: nothing decodes with them any more
+            self._loras = None
         if self._grammars is not None:
             self._grammars.close()
             self._grammars = None
@@ -144,6 +177,8 @@ class LlamaCppEngine:
         self._ctx = ctx
 
         self._eog = frozenset(t for t in range(n_vocab) if L.llama_vocab_is_eog(vocab, t))
+        self._add_bos = bool(L.llama_vocab_get_add_bos(vocab))
+        self._controls = self._control_texts(vocab, n_vocab)
         template = L.llama_model_chat_template(model, None)
         self._info = ModelInfo(
             id=cfg.model_id,
@@ -152,12 +187,13 @@ class LlamaCppEngine:
             chat_template=template.decode("utf-8", errors="replace") if template else None,
             bos_token=self._special_text(L.llama_vocab_bos(vocab)),
             eos_token=self._special_text(L.llama_vocab_eos(vocab)),
-            add_bos=bool(L.llama_vocab_get_add_bos(vocab)),
             architecture=self._meta("general.architecture"),
             path=cfg.path,
         )
+        self._loras = LoraSet(model, cfg.max_loras)
         self._scheduler = Scheduler(
             ctx,
+            n_vocab=n_vocab,
             n_slots=cfg.parallel,
             n_ctx_seq=n_ctx_seq,
             batch_size=cfg.batch_size,
@@ -165,6 +201,7 @@ class LlamaCppEngine:
             prefix_cache=cfg.prefix_cache,
             sampler_factory=partial(self._sampler_for, penalty_window=n_ctx_seq),
             eog_ids=self._eog,
+            loras=self._loras,
         )
         log.info(
             "loaded %s (%s): %d slots x %d tokens, %d threads, batch %d",
@@ -200,6 +237,19 @@ class LlamaCppEngine:
         if rc != 0:
             raise RuntimeError(f"warm-up decode failed with status {rc}")
 
+    @staticmethod
+    def _control_texts(vocab: L.llama_vocab_p, n_vocab: int) -> ControlTexts:
+        # The tokens llama.cpp matches in text only when special-token parsing is on: control and unknown ones.
+        # User-defined tokens (Gemma's runs of newlines) are matched either way, as ordinary text.
+        flags = L.LLAMA_TOKEN_ATTR_CONTROL | L.LLAMA_TOKEN_ATTR_UNKNOWN
+        texts: dict[str, int] = {}
+        for token in range(n_vocab):
+            if L.llama_vocab_get_attr(vocab, token) & flags:
+                text = L.llama_vocab_get_text(vocab, token)
+                if text:
+                    texts.setdefault(text.decode("utf-8", errors="replace"), token)
+        return ControlTexts(texts)
+
     def _meta(self, key: str) -> str:
         buf = ctypes.create_string_buffer(256)
         n = L.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
@@ -228,10 +278,37 @@ class LlamaCppEngine:
             n = L.llama_tokenize(self._vocab, data, len(data), buf, capacity, add_special, parse_special)
         return list(buf[:n])
 
+    def encode_prompt(self, text: str) -> list[int]:
+        """Token ids of a prompt with its special-token markup parsed; BOS is added where the model wants one,
+        unless the text (a chat template's output) already starts with it."""
+        bos = self._info.bos_token if self._info is not None else ""
+        add_bos = self._add_bos and not (bos and text.startswith(bos))
+        return self.tokenize(text, add_special=add_bos, parse_special=True)
+
+    def encode_segments(self, segments: collections.abc.Sequence[PromptSegment]) -> list[int]:
+        """Token ids of a chat prompt: control tokens come from markup segments only (prompt_tokens.py); BOS is
+        added as :meth:`encode_prompt` adds it."""
+        if self._vocab is None:
+            raise NotReady("the model is still loading")
+        bos = L.llama_vocab_bos(self._vocab) if self._add_bos else -1
+        return encode_segments(
+            segments,
+            self._controls,
+            lambda text, special: self.tokenize(text, add_special=False, parse_special=special),
+            bos=bos if bos >= 0 else None,
+            bos_text=self._info.bos_token if self._info is not None else "",
+        )
+
     def token_ids(self, text: str) -> list[int]:
         """The id of a special token given as text, or [] if it is not a single token of this vocabulary."""
         ids = self.tokenize(text, add_special=False, parse_special=True)
         return ids if len(ids) == 1 else []
+
+    def detokenize(self, ids: Ids[int]) -> str:
+        """The text of ``ids`` as generated text spells it: special tokens render as nothing."""
+        if self._vocab is None:
+            raise NotReady("the model is still loading")
+        return b"".join(self.piece(t) for t in ids).decode("utf-8", errors="replace")
 
     def piece(self, token: int) -> bytes:
         """The bytes a token stands for in generated text (special tokens render as nothing)."""
@@ -246,10 +323,6 @@ class LlamaCppEngine:
             self._pieces[token] = cached
         return cached
 
-    def detokenize(self, tokens: list[int]) -> str:
-        """Text of a token list, as generated text would show it."""
-        return b"".join(self.piece(t) for t in tokens).decode("utf-8", errors="replace")
-
     # -- generation -------------------------------------------------------------------------------------------
 
     def stats(self) -> EngineStats:
@@ -258,11 +331,51 @@ class LlamaCppEngine:
             return EngineStats(0, 0, self.config.parallel, 0, 0, 0, 0)
         return self._scheduler.stats()
 
-    async def check_grammar(self, grammar: str, triggers: tuple[str, ...] = ()) -> None:
-        """Parse ``grammar`` in a worker thread and cache it; a grammar llama.cpp rejects is a 400."""
+    async def load_adapter(self, name: str, path: str) -> None:
+        """Register the GGUF LoRA at ``path`` as ``name`` and load it now on the engine thread, so that a file
+        llama.cpp cannot apply to this model is a 400 carrying llama.cpp's reason."""
+        scheduler, loras = self._scheduler, self._loras
+        if scheduler is None or loras is None:
+            raise NotReady("the model is still loading")
+        previous = loras.path_of(name)
+        loras.register(name, path)
+        try:
+            await asyncio.wrap_future(scheduler.call(lambda: loras.load(name, scheduler.adapters_in_use())))
+        except AdapterUnavailable as exc:
+            if previous is not None:
+                loras.register(name, previous)  # a failed reload keeps the adapter that was serving
+            else:
+                loras.forget(name)
+            if exc.busy:
+                raise NotReady(str(exc)) from None
+            raise InvalidRequest(str(exc), param="lora_path", code="invalid_adapter") from None
+
+    async def unload_adapter(self, name: str) -> None:
+        """Refuse new sequences on ``name`` and free it once the running ones have finished."""
+        scheduler, loras = self._scheduler, self._loras
+        if scheduler is None or loras is None:
+            return
+        loras.forget(name)
+        await asyncio.wrap_future(scheduler.call(lambda: loras.release_forgotten(scheduler.adapters_in_use())))
+
+    async def check_guide(self, guide: Guide) -> None:
+        """Compile ``guide`` into a GBNF grammar and parse it with llama.cpp, in worker threads, caching both; a
+        guide that cannot be enforced is a 400 naming the field that carried it."""
+        await self._grammar(guide)
+
+    async def _grammar(self, guide: Guide) -> tuple[str, tuple[str, ...]]:
         if self._grammars is None:
             raise NotReady("the model is still loading")
-        await asyncio.to_thread(self._grammars.check, grammar, triggers)
+        triggers = (re.escape(guide.trigger),) if guide.trigger else ()
+        try:
+            grammar = self._builder.cached(guide)
+            if grammar is None:
+                grammar = await asyncio.to_thread(self._builder.build, guide)
+            await asyncio.to_thread(self._grammars.check, grammar, triggers)
+        except InvalidRequest as exc:
+            exc.param = guide.param
+            raise
+        return grammar, triggers
 
     def _token_logprob(self, token: Token) -> TokenLogprob:
         return TokenLogprob(
@@ -271,6 +384,32 @@ class LlamaCppEngine:
             logprob=token.logprob if token.logprob is not None else 0.0,
             top=tuple((self.piece(t), lp) for t, lp in token.top),
         )
+
+    def _prompt_logprobs(self, event: PromptScores) -> list[TokenLogprob | None]:
+        entries: list[TokenLogprob | None] = [None]
+        for token, logprob, top in event.scores:
+            entries.append(TokenLogprob(token, self.piece(token), logprob, tuple((self.piece(t), lp) for t, lp in top)))
+        return entries
+
+    def check_request(self, request: GenerationRequest) -> None:
+        """400s for what this engine cannot serve, raised while the request is prepared (before any stream)."""
+        prompt = request.prompt_tokens
+        limit = self.info.context_length
+        if not prompt:
+            raise InvalidRequest("the prompt is empty: it has no tokens", param="prompt")
+        if min(prompt) < 0 or max(prompt) >= self._n_vocab:
+            raise InvalidRequest(f"the prompt holds a token id outside [0, {self._n_vocab})", param="prompt")
+        if len(prompt) + request.params.max_tokens > limit:
+            raise InvalidRequest(
+                f"This model's maximum context length is {limit} tokens, but {len(prompt)} prompt tokens "
+                f"plus {request.params.max_tokens} completion tokens were requested.",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        if request.adapter is not None and (self._loras is None or not self._loras.registered(request.adapter)):
+            raise InvalidRequest(
+                f"the adapter `{request.adapter}` is not loaded", param="model", code="model_not_found"
+            )
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
         """Stream the deltas of all ``n`` choices; leaving the iterator early cancels the sequences at the next step.
@@ -281,16 +420,9 @@ class LlamaCppEngine:
         if not self._ready or scheduler is None:
             raise NotReady("the model is still loading")
         prompt = request.prompt_tokens
-        limit = self.info.context_length
-        if not prompt:
-            raise InvalidRequest("the prompt is empty", param="prompt")
-        if len(prompt) + request.params.max_tokens > limit:
-            raise InvalidRequest(
-                f"This model's maximum context length is {limit} tokens, but {len(prompt)} prompt tokens "
-                f"plus {request.params.max_tokens} completion tokens were requested.",
-                param="max_tokens",
-                code="context_length_exceeded",
-            )
+        # Checked again: a caller that skipped check_request must not reach the scheduler with it.
+        self.check_request(request)
+        grammar, triggers = await self._grammar(request.guide) if request.guide is not None else (None, ())
         n = max(1, request.n)
         queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
         loop = asyncio.get_running_loop()
@@ -303,9 +435,11 @@ class LlamaCppEngine:
                     stop_ids=frozenset(request.stop_token_ids),
                     loop=loop,
                     out=_Tagged(queue, index),
-                    grammar=request.grammar,
-                    grammar_triggers=request.grammar_triggers,
+                    grammar=grammar,
+                    grammar_triggers=triggers,
                     top_logprobs=request.logprobs,
+                    adapter=request.adapter,
+                    prompt_logprobs=request.prompt_logprobs if index == 0 else None,
                     fork_from=seqs[0] if index else None,
                 )
             )
@@ -317,6 +451,7 @@ class LlamaCppEngine:
         # Logprobs of tokens whose text is held back as a possible stop string: listed once the text is emitted,
         # dropped if it was a stop string, so that the listed tokens always spell the content.
         held: list[list[TokenLogprob]] = [[] for _ in range(n)]
+        scored = False
         for seq in seqs:
             scheduler.submit(seq)
         try:
@@ -327,9 +462,13 @@ class LlamaCppEngine:
                 while True:
                     if isinstance(event, Failure):
                         engine_done[index] = True
+                        if event.busy:
+                            raise NotReady(event.message)
                         raise EngineFailure(f"generation failed: {event.message}")
                     if isinstance(event, Admitted):
                         cached[index] = event.cached_tokens
+                    elif isinstance(event, PromptScores):
+                        pending.setdefault(index, _Pending()).prompt = self._prompt_logprobs(event)
                     elif not done[index]:
                         part = pending.setdefault(index, _Pending())
                         engine_done[index] = event.finish is not None
@@ -357,6 +496,7 @@ class LlamaCppEngine:
                         part.parts.append(emitted)
                         if stopped:
                             part.finish = "stop"
+                            part.stop_string = texts[index].matched_stop
                         elif event.finish is not None:
                             part.finish = "stop" if event.finish == "stop" else "length"
                             part.parts.append(texts[index].finish())
@@ -369,8 +509,12 @@ class LlamaCppEngine:
                         break
                     index, event = queue.get_nowait()
                 for i, part in sorted(pending.items()):
-                    if not part.ids and part.finish is None:
+                    if not part.ids and part.finish is None and part.prompt is None:
                         continue
+                    if i == 0 and request.prompt_logprobs is not None and not scored:
+                        # A one-token prompt has nothing to score: its entry is the first token's null.
+                        part.prompt = part.prompt or [None]
+                        scored = True
                     yield GenerationDelta(
                         text="".join(part.parts),
                         token_ids=part.ids,
@@ -380,6 +524,8 @@ class LlamaCppEngine:
                         cached_tokens=cached[i],
                         index=i,
                         logprobs=part.logprobs if request.logprobs is not None else None,
+                        prompt_logprobs=part.prompt,
+                        stop_string=part.stop_string,
                     )
         finally:
             # Covers a client that went away and a stop string that ended the text before the engine did.
@@ -409,3 +555,5 @@ class _Pending:
     ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish: FinishReason | None = None
+    prompt: list[TokenLogprob | None] | None = None
+    stop_string: str | None = None

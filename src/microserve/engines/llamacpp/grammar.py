@@ -11,35 +11,15 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import logging
-import sys
 import threading
 from collections import OrderedDict
 
 import llama_cpp as L
 
+from microserve.engines.llamacpp.log import captured
 from microserve.errors import InvalidRequest
 
 log = logging.getLogger(__name__)
-_llama_logger = logging.getLogger("llama-cpp-python")
-_captured = threading.local()
-
-
-@L.llama_log_callback
-def _log_callback(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
-    message = text.decode("utf-8", errors="replace") if text else ""
-    lines: list[str] | None = getattr(_captured, "lines", None)
-    # ggml's levels: 1 debug, 2 info, 3 warn, 4 error, 5 continuation.
-    if lines is not None and level in (3, 4, 5):
-        lines.append(message)
-        return
-    # Otherwise errors only, unless llama-cpp-python's logger was made verbose.
-    if level == 4 or _llama_logger.level <= logging.INFO:
-        print(message, end="", flush=True, file=sys.stderr)
-
-
-def install_log_capture() -> None:
-    """Route llama.cpp's log through a callback that can capture a thread's messages (grammar parse errors)."""
-    L.llama_log_set(_log_callback, ctypes.c_void_p(0))
 
 
 def _grammar_key(grammar: str, triggers: tuple[str, ...]) -> str:
@@ -56,8 +36,7 @@ class GrammarCache:
         self._lock = threading.Lock()
 
     def _parse(self, grammar: str, triggers: tuple[str, ...]) -> L.llama_sampler_p:
-        _captured.lines = []
-        try:
+        with captured() as messages:
             if triggers:
                 patterns = (ctypes.c_char_p * len(triggers))(*(t.encode("utf-8") for t in triggers))
                 sampler = L.llama_sampler_init_grammar_lazy_patterns(
@@ -65,9 +44,6 @@ class GrammarCache:
                 )
             else:
                 sampler = L.llama_sampler_init_grammar(self._vocab, grammar.encode("utf-8"), b"root")
-            messages = [line.strip() for line in _captured.lines if line.strip()]
-        finally:
-            _captured.lines = None
         if not sampler:
             detail = "; ".join(messages) or "llama.cpp could not parse it"
             if detail == "failed to parse grammar":

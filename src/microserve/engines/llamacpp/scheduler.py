@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import ctypes
 import itertools
 import logging
 import queue
@@ -19,14 +20,19 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol, cast
 
 import llama_cpp as L
 
 from microserve.engines.base import EngineStats, SamplingParams
+from microserve.engines.llamacpp.lora import AdapterUnavailable, LoraSet
+from microserve.engines.llamacpp.prompt_scoring import Score, score_rows
 from microserve.engines.llamacpp.sampling import SequenceSampler
 
 log = logging.getLogger(__name__)
+
+# Buckets of the turn-wait counts: waits of 0 to 14 decode steps, and 15 or more.
+TURN_WAIT_BUCKETS = 16
 
 
 @dataclass(slots=True)
@@ -41,9 +47,11 @@ class Token:
 
 @dataclass(slots=True)
 class Failure:
-    """The engine could not serve the sequence; posted instead of a token."""
+    """The engine could not serve the sequence; posted instead of a token. ``busy``: it may succeed if retried
+    (all adapter places in use), rather than an engine fault."""
 
     message: str
+    busy: bool = False
 
 
 @dataclass(slots=True)
@@ -53,7 +61,14 @@ class Admitted:
     cached_tokens: int
 
 
-Event = Token | Failure | Admitted
+@dataclass(slots=True)
+class PromptScores:
+    """Posted once a scored prompt is prefilled: one score per prompt token after the first."""
+
+    scores: list[Score]
+
+
+Event = Token | Failure | Admitted | PromptScores
 
 
 class EventSink(Protocol):
@@ -74,6 +89,12 @@ class Sequence:
     grammar: str | None = None
     grammar_triggers: tuple[str, ...] = ()
     top_logprobs: int | None = None
+    # The LoRA adapter the sequence decodes with (None: the base model); its handle once admitted.
+    adapter: str | None = None
+    lora: L.llama_adapter_lora_p | None = None
+    # Score the prompt with this many alternatives per token: logits at every prompt position, no prefix reuse.
+    prompt_logprobs: int | None = None
+    prompt_scores: list[Score] = field(default_factory=list)
     # A sibling choice of the same prompt: this sequence waits for it to prefill, then copies its prompt's KV.
     fork_from: Sequence | None = None
     cancelled: bool = False
@@ -93,6 +114,16 @@ class Slot:
     tokens: list[int] = field(default_factory=list)
     last_used: int = 0
     seq: Sequence | None = None
+    # The adapter the cached tokens were computed under: a prefix is reused only for the same adapter.
+    adapter: str | None = None
+
+
+@dataclass(slots=True)
+class Call:
+    """A function to run on the engine thread between steps (adapter loads), with the future of its result."""
+
+    fn: Callable[[], object]
+    done: concurrent.futures.Future[object] = field(default_factory=concurrent.futures.Future)
 
 
 class PrefillBudget:
@@ -152,6 +183,7 @@ class Scheduler:
         self,
         ctx: L.llama_context_p,
         *,
+        n_vocab: int = 0,
         n_slots: int,
         n_ctx_seq: int,
         batch_size: int,
@@ -159,8 +191,10 @@ class Scheduler:
         prefix_cache: bool = True,
         sampler_factory: Callable[[Sequence], SequenceSampler],
         eog_ids: frozenset[int],
+        loras: LoraSet | None = None,
     ) -> None:
         self._ctx = ctx
+        self._n_vocab = n_vocab
         self._mem = L.llama_get_memory(ctx)
         self._n_ctx_seq = n_ctx_seq
         self._batch_size = batch_size
@@ -171,7 +205,19 @@ class Scheduler:
         self._make_sampler = sampler_factory
         self._eog = eog_ids
         self._slots = [Slot(seq_id=i) for i in range(n_slots)]
-        self._inbox: queue.SimpleQueue[Sequence | None] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[Sequence | Call | None] = queue.SimpleQueue()
+        self._loras = loras
+        # The adapter set on the context now (False: unknown, e.g. after an adapter was freed), and the step each
+        # adapter set last decoded in: sets with work take turns, the longest-waiting first.
+        self._ctx_adapter: str | bool | None = None
+        self._turns: dict[str | None, int] = {}
+        # Decode steps each adapter set with work has waited since its last turn, and how many turns came after
+        # a wait of 0, 1, 2, ... steps (the last bucket: that many or more), for the turn-wait metric.
+        self._groups: tuple[str | None, ...] = ()
+        self._skipped: dict[str | None, int] = {}
+        self.turn_waits = [0] * TURN_WAIT_BUCKETS
+        if loras is not None:
+            loras.before_free = self._clear_adapters
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []
         self._clock = itertools.count(1)
@@ -195,6 +241,12 @@ class Scheduler:
         self._thread.start()
         return self._warmed
 
+    def call(self, fn: Callable[[], object]) -> concurrent.futures.Future[object]:
+        """Run ``fn`` on the engine thread before the next step; the future carries its result or error."""
+        item = Call(fn)
+        self._inbox.put(item)
+        return item.done
+
     def submit(self, seq: Sequence) -> None:
         """Queue a sequence; it is admitted in arrival order as slots free up."""
         self._inbox.put(seq)
@@ -214,14 +266,20 @@ class Scheduler:
     def stats(self) -> EngineStats:
         """Counts read without locking: each is a single attribute read, good enough for monitoring."""
         used = sum(len(s.tokens) for s in self._slots)
+        running = list(self._running)
+        waiting = list(self._waiting)
         return EngineStats(
-            running=len(self._running),
-            waiting=len(self._waiting) + self._inbox.qsize(),
+            running=len(running),
+            waiting=len(waiting) + self._inbox.qsize(),
             slots=len(self._slots),
             kv_used=used,
             kv_total=self._n_ctx_seq * len(self._slots),
             prefix_hit_tokens=self.prefix_hit_tokens,
             steps=self.steps,
+            adapters_loaded=self._loras.loaded_count if self._loras is not None else 0,
+            running_adapters=tuple(sorted({s.adapter for s in running if s.adapter})),
+            waiting_adapters=tuple(sorted({s.adapter for s in waiting if s.adapter})),
+            turn_waits=tuple(self.turn_waits),
         )
 
     # -- the engine thread ------------------------------------------------------------------------------------
@@ -255,11 +313,39 @@ class Scheduler:
         try:
             item = self._inbox.get(block=block)
             while True:
-                if item is not None:
+                if isinstance(item, Call):
+                    self._run_call(item)
+                elif item is not None:
                     self._waiting.append(item)
                 item = self._inbox.get_nowait()
         except queue.Empty:
             return
+
+    @staticmethod
+    def _run_call(item: Call) -> None:
+        try:
+            item.done.set_result(item.fn())
+        except BaseException as exc:  # handed to the caller
+            item.done.set_exception(exc)
+
+    def adapters_in_use(self) -> set[str]:
+        """Adapters of the running and waiting sequences (engine thread)."""
+        return {s.adapter for s in (*self._running, *self._waiting) if s.adapter}
+
+    def _clear_adapters(self) -> None:
+        L.llama_set_adapters_lora(self._ctx, None, 0, None)
+        self._ctx_adapter = None
+
+    def _use_adapter(self, adapter: str | None, handle: L.llama_adapter_lora_p | None) -> None:
+        if self._ctx_adapter is not False and self._ctx_adapter == adapter:
+            return
+        if adapter is None or handle is None:
+            self._clear_adapters()
+        else:
+            handles = (L.llama_adapter_lora_p_ctypes * 1)(cast(Any, handle))
+            scales = (ctypes.c_float * 1)(1.0)
+            L.llama_set_adapters_lora(self._ctx, handles, 1, scales)
+            self._ctx_adapter = adapter
 
     def _drop_cancelled(self) -> None:
         if any(s.cancelled for s in self._waiting):
@@ -273,12 +359,23 @@ class Scheduler:
             if not free:
                 return
             seq = self._waiting.popleft()
-            slot, reuse = self._pick_slot(free, seq.prompt)
+            if seq.adapter is not None and not self._attach_adapter(seq):
+                continue
+            slot, reuse = self._pick_slot(free, seq.prompt, seq.adapter)
+            if seq.prompt_logprobs is not None:
+                reuse = 0  # every prompt position's logits are needed
+            elif seq.params.seed is not None and seq.params.temperature > 0:
+                # The same seed must give the same text. A model in F16 or BF16 is not batch-invariant: llama.cpp's
+                # float kernels round the last prompt token's logits differently when it is computed alone after a
+                # reused prefix than inside the whole prompt's batch, and a sampled token can flip. A seeded sample
+                # computes its prompt afresh, as the first request did (integer-dot quantized models never differ).
+                reuse = 0
             if reuse < len(slot.tokens) and not L.llama_memory_seq_rm(self._mem, slot.seq_id, reuse, -1):
                 # Some caches (recurrent, sliding-window) cannot drop a tail: start the slot afresh.
                 L.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
                 reuse = 0
             del slot.tokens[reuse:]
+            slot.adapter = seq.adapter
             slot.seq = seq
             slot.last_used = next(self._clock)
             seq.slot = slot
@@ -293,6 +390,18 @@ class Scheduler:
             self.prefix_hit_tokens += reuse
             self._running.append(seq)
             self._post([(seq, Admitted(reuse))])
+
+    def _attach_adapter(self, seq: Sequence) -> bool:
+        """Give ``seq`` its adapter's handle (loading it if needed); fail the sequence if that is impossible."""
+        assert seq.adapter is not None
+        try:
+            if self._loras is None:
+                raise AdapterUnavailable("this model serves no adapters")
+            seq.lora = self._loras.load(seq.adapter, self.adapters_in_use())
+        except AdapterUnavailable as exc:
+            self._post([(seq, Failure(str(exc), busy=exc.busy))])
+            return False
+        return True
 
     def _fork_siblings(self) -> None:
         """Give each waiting sibling choice the prompt KV of the sibling that prefilled it, minus the last token.
@@ -314,7 +423,10 @@ class Scheduler:
                 continue
             # The sibling's slot, or, if it already finished, whichever slot still holds the prompt.
             prefix = seq.prompt[:share]
-            source = next((s for s in self._slots if s is not slot and s.tokens[:share] == prefix), None)
+            source = next(
+                (s for s in self._slots if s is not slot and s.adapter == seq.adapter and s.tokens[:share] == prefix),
+                None,
+            )
             if source is None:
                 continue  # the sibling is gone and so is its prompt: prefill alone
             L.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
@@ -329,12 +441,13 @@ class Scheduler:
             seq.prefilled = share
             self._post([(seq, Admitted(share))])
 
-    def _pick_slot(self, free: list[Slot], prompt: list[int]) -> tuple[Slot, int]:
-        # The free slot sharing the longest prefix with the prompt, else the least recently used one: its cached
-        # prefix is the one evicted.
+    def _pick_slot(self, free: list[Slot], prompt: list[int], adapter: str | None) -> tuple[Slot, int]:
+        # The free slot sharing the longest prefix with the prompt under the same adapter, else the least recently
+        # used one: its cached prefix is the one evicted. KV cells computed under one adapter are never reused for
+        # another, nor for the base model.
         best, best_len = free[0], -1
         for slot in free:
-            n = common_prefix(slot.tokens, prompt) if self._prefix_cache else 0
+            n = common_prefix(slot.tokens, prompt) if self._prefix_cache and slot.adapter == adapter else 0
             if n > best_len or (n == best_len and slot.last_used < best.last_used):
                 best, best_len = slot, n
         # At least one prompt token must be decoded to get logits for the first sampled token.
@@ -344,8 +457,11 @@ class Scheduler:
         batch = self._batch
         n = 0
         sample_at: list[tuple[Sequence, int]] = []
+        # Scored prompts: (sequence, batch index, the prompt token those logits predict).
+        score_at: list[tuple[Sequence, int, int]] = []
+        prefill_only: list[Sequence] = []  # prompts scored with max_tokens 0: done once prefilled
 
-        def add(seq: Sequence, token: int, want_logits: bool) -> None:
+        def add(seq: Sequence, token: int, want_logits: bool, score_next: int | None = None) -> None:
             nonlocal n
             slot = seq.slot
             assert slot is not None
@@ -353,14 +469,19 @@ class Scheduler:
             batch.pos[n] = len(slot.tokens)
             batch.n_seq_id[n] = 1
             batch.seq_id[n][0] = slot.seq_id
-            batch.logits[n] = want_logits
+            batch.logits[n] = want_logits or score_next is not None
             slot.tokens.append(token)
             if want_logits:
                 sample_at.append((seq, n))
+            if score_next is not None:
+                score_at.append((seq, n, score_next))
             n += 1
 
+        # One adapter set per decode (llama.cpp applies adapters to the whole context): the sets with work take
+        # turns, the one that waited longest first, so none waits more steps than there are other sets.
+        active = self._turn()
         # Decoding sequences first: one token each keeps every running stream moving every step.
-        for seq in self._running:
+        for seq in active:
             if seq.prefilled == len(seq.prompt):
                 add(seq, seq.next_token, True)
         # Then prompt chunks, oldest first, within what is left of the step's token budget. While streams are
@@ -368,7 +489,7 @@ class Scheduler:
         # latency on many steps instead of one long stall; with nothing decoding, prefill runs at full width.
         decoding = n
         limit = self._batch_size if n == 0 else min(self._batch_size, n + (self._prefill_chunk or self._budget.chunk()))
-        for seq in self._running:
+        for seq in active:
             budget = limit - n
             if budget <= 0:
                 break
@@ -377,11 +498,23 @@ class Scheduler:
                 continue
             take = min(budget, remaining)
             start = seq.prefilled
-            for i in range(start, start + take):
-                add(seq, seq.prompt[i], i == len(seq.prompt) - 1)
+            last = len(seq.prompt) - 1
+            generates = seq.params.max_tokens > 0
+            if seq.prompt_logprobs is None:
+                for i in range(start, start + take):
+                    add(seq, seq.prompt[i], i == last and generates)
+            else:
+                for i in range(start, start + take):
+                    add(seq, seq.prompt[i], i == last and generates, seq.prompt[i + 1] if i < last else None)
             seq.prefilled += take
+            if seq.prefilled == len(seq.prompt) and not generates:
+                prefill_only.append(seq)
         if n == 0:
             return
+        if active:
+            self._use_adapter(active[0].adapter, active[0].lora)
+            self._turns[active[0].adapter] = self.steps
+            self._count_turn(active[0].adapter)
         batch.n_tokens = n
         started = time.perf_counter()
         rc = L.llama_decode(self._ctx, batch)
@@ -391,6 +524,11 @@ class Scheduler:
             return
         events: list[tuple[Sequence, Event]] = []
         finished: list[Sequence] = []
+        if score_at:
+            events += self._score(score_at)
+        for seq in prefill_only:
+            events.append((seq, Token(-1, "length")))
+            finished.append(seq)
         for seq, idx in sample_at:
             assert seq.sampler is not None
             sampled = seq.sampler.sample(self._ctx, idx)
@@ -415,6 +553,35 @@ class Scheduler:
         for seq in finished:
             self._release(seq)
         self._post(events)
+
+    def _turn(self) -> list[Sequence]:
+        """The running sequences of the adapter set whose turn it is (all of them when they share one)."""
+        groups: dict[str | None, list[Sequence]] = {}
+        for seq in self._running:
+            if seq.prefilled == len(seq.prompt) or (seq.prefilled < len(seq.prompt) and seq.fork_from is None):
+                groups.setdefault(seq.adapter, []).append(seq)
+        self._groups = tuple(groups)
+        if len(groups) <= 1:
+            return next(iter(groups.values()), [])
+        key = min(groups, key=lambda k: self._turns.get(k, -1))
+        return groups[key]
+
+    def _count_turn(self, chosen: str | None) -> None:
+        # Every other set that had work this step waits one step more; the chosen one's wait ends.
+        waited = self._skipped.pop(chosen, 0)
+        self.turn_waits[min(waited, TURN_WAIT_BUCKETS - 1)] += 1
+        self._skipped = {k: self._skipped.get(k, 0) + 1 for k in self._groups if k != chosen}
+
+    def _score(self, score_at: list[tuple[Sequence, int, int]]) -> list[tuple[Sequence, Event]]:
+        """Score this step's prompt positions; a prompt's scores are posted once all of it is prefilled."""
+        events: list[tuple[Sequence, Event]] = []
+        for seq, idx, token in score_at:
+            seq.prompt_scores += score_rows(self._ctx, [(idx, token)], self._n_vocab, seq.prompt_logprobs or 0)
+        for seq in dict.fromkeys(s for s, _, _ in score_at):
+            if seq.prefilled == len(seq.prompt):
+                events.append((seq, PromptScores(seq.prompt_scores)))
+                seq.prompt_scores = []
+        return events
 
     def _fail_batch(self, sample_at: list[tuple[Sequence, int]], rc: int) -> None:
         log.error("llama_decode failed with status %d; failing the %d sequences in the batch", rc, len(sample_at))
@@ -442,6 +609,8 @@ class Scheduler:
         if seq.sampler is not None:
             seq.sampler.free()
             seq.sampler = None
+        if seq.adapter is not None and self._loras is not None:
+            self._loras.release_forgotten(self.adapters_in_use())
 
     @staticmethod
     def _post(events: list[tuple[Sequence, Event]]) -> None:

@@ -16,14 +16,16 @@ class StopMatcher:
     def __init__(self, stops: Sequence[str]) -> None:
         self._stops = [s for s in stops if s]
         self._held = ""
+        self.matched: str | None = None  # the stop string that was found
 
     def push(self, text: str) -> tuple[str, bool]:
         """Feed new text; return the text safe to emit and whether a stop string was found."""
         if not self._stops:
             return text, False
         buffer = self._held + text
-        cut = min((i for i in (buffer.find(s) for s in self._stops) if i >= 0), default=-1)
-        if cut >= 0:
+        found = [(i, stop) for stop in self._stops if (i := buffer.find(stop)) >= 0]
+        if found:
+            cut, self.matched = min(found, key=lambda item: item[0])
             self._held = ""
             return buffer[:cut], True
         keep = self._longest_partial(buffer)
@@ -63,6 +65,11 @@ class TextAssembler:
     def holding(self) -> bool:
         """Whether text is held back that may yet turn out to start a stop string."""
         return self._stops.holding
+
+    @property
+    def matched_stop(self) -> str | None:
+        """The stop string that ended the text, if one did."""
+        return self._stops.matched
 
     def push(self, token: int) -> tuple[str, bool]:
         """Text to emit after ``token``, and whether a stop string ended the sequence."""

@@ -30,9 +30,11 @@ async def ready(request: Request) -> HealthResponse | JSONResponse:
         return JSONResponse(error_body(503, "shutting down"), status_code=503)
     if state.load_error:
         return JSONResponse(error_body(503, f"model failed to load: {state.load_error}"), status_code=503)
-    waiting = [m.name for m in state.registry if not m.engine.ready]
+    waiting = [m.name for m in state.models if not m.engine.ready]
     if waiting:
         return JSONResponse(error_body(503, f"loading: {', '.join(waiting)}"), status_code=503)
+    if not state.loaded:
+        return JSONResponse(error_body(503, "loading: LoRA adapters"), status_code=503)
     return HealthResponse(message="ready")
 
 

@@ -1,47 +1,55 @@
-"""OpenAI-compatible routes: models, chat completions, completions."""
+"""OpenAI-compatible routes: models (the list and each one), chat completions, completions."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from microserve.errors import ModelNotFound
+from microserve.observability.tracing import Tracing
 from microserve.protocol.chat import ChatCompletion, ChatCompletionRequest
-from microserve.protocol.common import ErrorResponse
 from microserve.protocol.completions import Completion, CompletionRequest
 from microserve.protocol.models import ModelCard, ModelList
 from microserve.server.admission import admit, releasing, shed_if_full
+from microserve.server.routes import ERRORS
 from microserve.server.routes.retrieval import encoder_metadata
 from microserve.server.streaming import sse_response, until_disconnect
-from microserve.server.tracing import Tracing
 from microserve.services.chat import ChatService
 from microserve.services.completions import CompletionService
-from microserve.services.registry import EncoderModel, ModelRegistry
-
-ERRORS: dict[int | str, dict] = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 500, 503)}
+from microserve.services.models import ModelTable, ServedModel
 
 router = APIRouter(tags=["openai"], responses=ERRORS)
+
+
+def _card(model: ServedModel) -> ModelCard:
+    length = model.engine.info.context_length if model.engine.ready else None
+    return ModelCard(
+        id=model.name,
+        created=model.created,
+        root=model.source if model.adapter is not None else model.name,
+        parent=model.parent,
+        max_model_len=length,
+        task=model.task,
+        profile=model.profile,
+        metadata=encoder_metadata(model) if model.encodes else None,
+    )
 
 
 @router.get("/v1/models", response_model=ModelList)
 async def list_models(request: Request) -> ModelList:
     """The served models."""
-    registry: ModelRegistry = request.app.state.registry
-    cards = []
-    for model in registry:
-        length = model.engine.info.context_length if model.engine.ready else None
-        metadata = encoder_metadata(model) if isinstance(model, EncoderModel) else None
-        cards.append(
-            ModelCard(
-                id=model.name,
-                created=model.created,
-                root=model.name,
-                max_model_len=length,
-                task=model.task,
-                profile=model.profile,
-                metadata=metadata,
-            )
-        )
-    return ModelList(data=cards)
+    models: ModelTable = request.app.state.models
+    return ModelList(data=[_card(model) for model in models])
+
+
+@router.get("/v1/models/{model_id:path}", response_model=ModelCard)
+async def retrieve_model(model_id: str, request: Request) -> ModelCard:
+    """One served model, by any name a client may send as ``model``; 404 for a name not served."""
+    models: ModelTable = request.app.state.models
+    model = models.find(model_id)
+    if model is None:
+        raise ModelNotFound(model_id, models.names())
+    return _card(model)
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletion)
@@ -68,7 +76,7 @@ async def completions(body: CompletionRequest, request: Request) -> Completion |
     service: CompletionService = request.app.state.completions
     tracing: Tracing = request.app.state.tracing
     # Each prompt runs n engine sequences: the request holds that many slots.
-    shed_if_full(request, body.model, body.n * (1 if isinstance(body.prompt, str) else max(len(body.prompt), 1)))
+    shed_if_full(request, body.model, body.n * (max(len(body.prompt), 1) if isinstance(body.prompt, list) else 1))
     prepared = await service.prepare(body)
     ticket = await admit(request, prepared.model.name, sum(g.n for g in prepared.generations))
     if body.stream:

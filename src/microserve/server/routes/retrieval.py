@@ -8,7 +8,6 @@ from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
 
-from microserve.protocol.common import ErrorResponse
 from microserve.protocol.embeddings import EmbeddingRequest, EmbeddingResponse
 from microserve.protocol.ranking import (
     Ranking,
@@ -23,12 +22,11 @@ from microserve.protocol.ranking import (
 )
 from microserve.server.admission import admit
 from microserve.server.json_route import JsonBodyRoute
+from microserve.server.routes import ERRORS
 from microserve.server.streaming import until_disconnect
 from microserve.services.embeddings import EmbeddingService, input_count
+from microserve.services.models import ServedModel
 from microserve.services.ranking import RankingService, ranker_of
-from microserve.services.registry import EncoderModel
-
-ERRORS: dict[int | str, dict] = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 500, 503)}
 
 # Retrieval requests are small and many: their bodies are parsed by the lean JsonBodyRoute (server/json_route.py).
 router = APIRouter(tags=["retrieval"], responses=ERRORS, route_class=JsonBodyRoute)
@@ -36,7 +34,7 @@ router = APIRouter(tags=["retrieval"], responses=ERRORS, route_class=JsonBodyRou
 T = TypeVar("T")
 
 
-async def gated(request: Request, model: EncoderModel, inputs: int, work: Callable[[], Coroutine[Any, Any, T]]) -> T:
+async def gated(request: Request, model: ServedModel, inputs: int, work: Callable[[], Coroutine[Any, Any, T]]) -> T:
     """Run ``work`` once the encoder's admission gate lets the request in (429/503 when it is saturated).
 
     Work of more inputs than one forward pass takes is cancelled if the client leaves; a request that fits in one
@@ -44,19 +42,19 @@ async def gated(request: Request, model: EncoderModel, inputs: int, work: Callab
     """
     ticket = await admit(request, model.name)
     try:
-        if inputs > model.engine.stats().max_batch:
+        if inputs > model.encoder.stats().max_batch:
             return await until_disconnect(request, work())
         return await work()
     finally:
         ticket.release()
 
 
-def encoder_metadata(model: EncoderModel) -> dict[str, Any]:
+def encoder_metadata(model: ServedModel) -> dict[str, Any]:
     """What ``/v1/models`` tells about an encoder: how it ranks, its shape, and its batching counters."""
     meta: dict[str, Any] = {"ranker": ranker_of(model)}
     if model.engine.ready:
-        info = model.engine.info
-        stats = model.engine.stats()
+        info = model.encoder.info
+        stats = model.encoder.stats()
         if info.kind == "embedding":
             meta["dimensions"] = info.dimensions
         meta.update(
