@@ -52,16 +52,10 @@ _DROPPED_HEADERS = frozenset({b"content-length", b"transfer-encoding", b"connect
 
 
 def replica_app(settings: Settings) -> ASGIApp:
-    """The app every replica serves: microserve's, built from ``settings``. The one place that builds it."""
-    from microserve.server import app as server_app
+    """The app every replica serves: microserve's, built from ``settings`` by ``build_app``."""
+    from microserve.server.app import build_app
 
-    build: Callable[[Settings], ASGIApp] | None = getattr(server_app, "build_app", None)
-    if build is not None:
-        return build(settings)
-    # Until the server package has build_app, compose the app the way ``microserve serve`` does.
-    from microserve.cli import _resolve_all
-
-    return server_app.create_app(settings, _resolve_all(settings))
+    return build_app(settings)
 
 
 class RayServeOptions(BaseModel):
@@ -348,3 +342,38 @@ def app_builder(args: dict[str, Any]) -> Any:
     options = RayServeOptions(**{k: v for k, v in args.items() if k in ray_fields})
     settings = Settings(**{k: v for k, v in args.items() if k not in ray_fields})
     return build_application(settings, options)
+
+
+# ``--ray`` without an address: start a Ray head in this process, with this machine's CPUs.
+LOCAL = "local"
+
+
+def run_on_ray(settings: Settings, options: RayServeOptions, address: str, announce: Callable[[str], None]) -> None:
+    """``microserve serve --ray [ADDRESS]``: deploy the application on the Ray cluster at ``address`` (``local``
+    starts one here) with Ray's HTTP proxy on ``settings.host``:``settings.port``, and keep it up until SIGINT or
+    SIGTERM; then delete it (its replicas drain) and, if this process started Ray, stop Ray."""
+    import signal
+    import threading
+
+    import ray
+    from ray import serve
+
+    ray.init(address=None if address == LOCAL else address, include_dashboard=False, logging_level=logging.WARNING)
+    try:
+        # A Serve instance that is already running keeps its own HTTP options.
+        serve.start(http_options={"host": settings.host, "port": settings.port})
+        serve.run(build_application(settings, options), name=options.name, route_prefix=options.route_prefix)
+        announce(
+            f"{options.name}: {options.replicas if options.min_replicas is None else 'autoscaled'} replica(s) on "
+            f"Ray Serve at http://{settings.host}:{settings.port}{options.route_prefix}"
+        )
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        stop.wait()
+        announce(f"{options.name}: stopping")
+        serve.delete(options.name)
+        if address == LOCAL:
+            serve.shutdown()
+    finally:
+        ray.shutdown()
