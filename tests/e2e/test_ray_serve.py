@@ -195,6 +195,8 @@ def test_conversations_stay_on_their_replica_and_reuse_the_cache(deployment: Dep
     assert all(len(h) == 1 for h in homes), homes
     assert len(set.union(*homes)) == 2, homes
     assert sum(n > 0 for n in cached) >= 0.9 * len(cached), cached
+    per_replica = {r: sum(r in h for h in homes) for r in set.union(*homes)}
+    print(f"later turns with cached tokens: {sum(n > 0 for n in cached)}/{len(cached)}; conversations {per_replica}")
 
 
 def _replica_pid(unique_id: str) -> int:
