@@ -544,7 +544,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--costs", type=Path, default=REPO / "bench" / "step_costs_t1.json")
     parser.add_argument("--replicas", type=int, nargs="+", default=list(REPLICA_COUNTS))
-    parser.add_argument("--users-per-replica", type=float, default=8)
+    parser.add_argument(
+        "--users-per-replica", type=float, default=4, help="4 keeps one replica busy ~90% of the time, unsaturated."
+    )
     parser.add_argument("--duration", type=float, default=300.0, help="Simulated seconds during which users ask.")
     parser.add_argument("--warmup", type=float, default=60.0)
     parser.add_argument("--think", type=float, default=WorkloadSpec().think_s)
