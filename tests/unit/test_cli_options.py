@@ -50,3 +50,12 @@ def test_the_configuration_page_documents_every_setting_with_its_flag() -> None:
             assert "none" in rows[name]
         else:
             assert _flag(name) in rows[name], (name, rows[name])
+
+
+def test_serve_has_ray_flags_and_replicas_alone_is_refused() -> None:
+    runner = CliRunner()
+    help_text = runner.invoke(app, ["serve", "--help"], env={"COLUMNS": "200"}).output
+    assert "--ray" in help_text and "[ADDRESS]" in help_text and "--replicas" in help_text
+    refused = runner.invoke(app, ["serve", "--replicas", "2"])
+    assert refused.exit_code == 2 and "--replicas needs --ray" in refused.output
+    assert runner.invoke(app, ["serve", "--ray", "--replicas", "0"]).exit_code == 2

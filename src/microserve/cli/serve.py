@@ -2,12 +2,48 @@
 
 from __future__ import annotations
 
+import inspect
 import socket
+from typing import Annotated
 
 import typer
 
 from microserve.cli.options import fail, with_settings
 from microserve.settings import Settings
+
+# ``--ray`` with no address starts a local Ray head (``microserve.scale.ray_app.LOCAL``; not imported here, so that
+# the CLI starts without the Ray layer).
+_RAY_LOCAL = "local"
+_RAY_FLAGS = [
+    inspect.Parameter(
+        "ray",
+        inspect.Parameter.KEYWORD_ONLY,
+        default=None,
+        annotation=Annotated[
+            str | None,
+            typer.Option(
+                "--ray",
+                is_flag=False,
+                flag_value=_RAY_LOCAL,
+                metavar="[ADDRESS]",
+                help="Serve as replicas on Ray Serve (needs the `ray` extra): on the Ray cluster at ADDRESS "
+                "(host:port, or `auto` for the one this node belongs to), or on a Ray head started here.",
+                show_default=False,
+            ),
+        ],
+    ),
+    inspect.Parameter(
+        "replicas",
+        inspect.Parameter.KEYWORD_ONLY,
+        default=None,
+        annotation=Annotated[
+            int | None,
+            typer.Option(
+                "--replicas", min=1, help="Replicas on Ray Serve (with --ray; default 1).", show_default=False
+            ),
+        ],
+    ),
+]
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -26,8 +62,13 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(settings: Settings) -> None:
+def serve(settings: Settings, ray: str | None = None, replicas: int | None = None) -> None:
     """Serve models over an OpenAI-compatible HTTP API."""
+    if ray is not None:
+        _serve_on_ray(settings, ray, replicas or 1)
+        return
+    if replicas is not None:
+        fail("--replicas needs --ray")
     # Imported here so `microserve version` and `--help` stay fast.
     import ssl
 
@@ -75,6 +116,19 @@ def serve(settings: Settings) -> None:
     server.run(sockets=[sock])
 
 
+def _serve_on_ray(settings: Settings, address: str, replicas: int) -> None:
+    from microserve.server.logging import configure_logging
+
+    configure_logging(settings.log_level, settings.log_format)
+    try:
+        import ray  # noqa: F401
+    except ImportError as exc:
+        fail(f"--ray needs the `ray` extra (pip install 'microserve[ray]'): {exc}")
+    from microserve.scale.ray_app import RayServeOptions, run_on_ray
+
+    run_on_ray(settings, RayServeOptions(replicas=replicas), address, typer.echo)
+
+
 def register(app: typer.Typer) -> None:
-    """Add ``serve``, with a flag for every setting, to ``app``."""
-    app.command("serve")(with_settings()(serve))
+    """Add ``serve``, with a flag for every setting (and ``--ray``, ``--replicas``), to ``app``."""
+    app.command("serve")(with_settings(extra=_RAY_FLAGS)(serve))
