@@ -63,6 +63,8 @@ class LoadResult:
     ttft_p90_ms: float
     itl_p50_ms: float
     itl_p90_ms: float
+    # Completion tokens per content chunk: above 1 where the server sent several tokens in one chunk.
+    tokens_per_chunk: float = math.nan
     errors: list[str] = field(default_factory=list)
     requests: list[RequestResult] = field(default_factory=list, repr=False)
 
@@ -173,6 +175,9 @@ async def run_load(
         "max_tokens": max_tokens,
         "temperature": temperature,
         "stream": True,
+        # Count tokens from the usage the server reports: a server that sends several tokens in one chunk (as
+        # microserve does when its stream runs behind the engine) would be undercounted by its chunks.
+        "stream_options": {"include_usage": True},
     }
     if ignore_eos:
         base_payload["ignore_eos"] = True
@@ -255,6 +260,7 @@ def _summarise(results: list[RequestResult], concurrency: int, n_requests: int, 
         ttft_p90_ms=percentile(ttfts, 90) * 1e3,
         itl_p50_ms=percentile(itls, 50) * 1e3,
         itl_p90_ms=percentile(itls, 90) * 1e3,
+        tokens_per_chunk=tokens / chunks if (chunks := sum(r.content_chunks for r in ok)) else math.nan,
         errors=sorted({r.error for r in results if r.error}),
         requests=results,
     )

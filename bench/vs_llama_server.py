@@ -470,7 +470,7 @@ def print_report(ceiling: dict[int, float], runs: list[ServerRun], concurrencies
     """Print the per-contender table, then microserve's ratios to each peer and to the ceiling."""
     header = (
         f"{'server':<34}{'c':>4}{'tok/s':>9}{'TTFT p50':>10}{'TTFT p90':>10}"
-        f"{'ITL p50':>9}{'ITL p90':>9}{'ok':>8}{'/ceiling':>10}"
+        f"{'ITL p50':>9}{'ITL p90':>9}{'ok':>8}{'tok/chunk':>10}{'/ceiling':>10}"
     )
     print("\n" + header + "\n" + "-" * len(header))
     for c in concurrencies:
@@ -483,7 +483,7 @@ def print_report(ceiling: dict[int, float], runs: list[ServerRun], concurrencies
             print(
                 f"{run.server:<34}{c:>4}{res.tok_s:>9.1f}{_fmt(res.ttft_p50_ms):>10}{_fmt(res.ttft_p90_ms):>10}"
                 f"{_fmt(res.itl_p50_ms):>9}{_fmt(res.itl_p90_ms):>9}{f'{res.n_ok}/{res.n_requests}':>8}"
-                f"{_fmt(_ratio(res.tok_s, ceiling.get(c)), '.2f'):>10}"
+                f"{_fmt(res.tokens_per_chunk, '.2f'):>10}{_fmt(_ratio(res.tok_s, ceiling.get(c)), '.2f'):>10}"
             )
     print("(times in ms)")
     by_name = {run.server: run for run in runs}

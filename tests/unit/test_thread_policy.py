@@ -113,3 +113,20 @@ def test_prepare_openmp_respects_the_operators_choice(monkeypatch: pytest.Monkey
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     threads.prepare_openmp()
     assert "GOMP_SPINCOUNT" not in os.environ
+
+
+@pytest.mark.parametrize(("explicit", "spin"), [(None, threads.SPIN_COUNT), (2, None)])
+def test_only_an_adaptive_engine_shortens_the_spin(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, explicit: int | None, spin: str | None
+) -> None:
+    """A pinned thread count keeps libgomp's own spin (the server has its cores); the adaptive default shortens it."""
+    from microserve.engines import llamacpp
+    from microserve.engines.registry import EngineTarget
+    from microserve.settings import Settings
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    target = EngineTarget(engine="llamacpp", name="m", path=tmp_path / "m.gguf", task="chat")
+    engine = llamacpp.build(target, Settings(threads=explicit))
+    assert os.environ.get("GOMP_SPINCOUNT") == spin
+    assert engine.config.adaptive_threads is (explicit is None)  # type: ignore[attr-defined]

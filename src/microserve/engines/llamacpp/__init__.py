@@ -21,7 +21,9 @@ def build(target: EngineTarget, settings: Settings) -> TextEngine:
     either, the thread count follows the CPUs other processes leave free, up to the usable cores (threads.py)."""
     from microserve.engines.llamacpp.threads import prepare_openmp
 
-    prepare_openmp()  # before llama.cpp's libraries (and libgomp) load
+    adaptive = settings.threads is None and target.threads is None
+    if adaptive:
+        prepare_openmp()  # before llama.cpp's libraries (and libgomp) load
     from microserve.engines.llamacpp.engine import LlamaCppConfig, LlamaCppEngine
     from microserve.hardware import usable_cores
 
@@ -32,7 +34,7 @@ def build(target: EngineTarget, settings: Settings) -> TextEngine:
             parallel=settings.parallel or target.parallel or DEFAULT_PARALLEL,
             context_length=settings.context_length or target.context_length,
             threads=settings.threads or target.threads or usable_cores(),
-            adaptive_threads=settings.threads is None and target.threads is None,
+            adaptive_threads=adaptive,
             batch_size=settings.batch_size or target.batch_size or DEFAULT_BATCH_SIZE,
             prefill_chunk=settings.prefill_chunk,
             prefix_cache=settings.prefix_cache,
