@@ -147,11 +147,18 @@ class PrefillBudget:
         self.decode_s: float | None = None  # a decode-only step
         self.token_s: float | None = None  # one prompt token added to a step
 
-    def chunk(self) -> int:
-        """Prompt tokens allowed in the next step that also carries decode tokens."""
+    def chunk(self, waiting: int = 1, decoding: int = 1) -> int:
+        """Prompt tokens allowed in the next step that also carries decode tokens, while ``waiting`` prompts wait
+        for their first token and ``decoding`` streams run.
+
+        The headroom grows with the prompts waiting per running stream: holding every running stream's latency
+        to ``factor`` decode steps is right while few wait, but when a burst leaves more requests waiting for a
+        first token than there are streams, their wait costs more than the streams' slower steps, and the step
+        takes prompt tokens up to the batch width (as llama-server's and vLLM's schedulers do)."""
+        pressure = max(1.0, waiting / max(1, decoding))
         if self.decode_s is None or not self.token_s:
-            return min(self.first_guess, self.batch_size)
-        allowed = int((self.factor - 1.0) * self.decode_s / self.token_s)
+            return min(int(self.first_guess * pressure), self.batch_size)
+        allowed = int((self.factor - 1.0) * pressure * self.decode_s / self.token_s)
         return max(self.FLOOR, min(self.batch_size, allowed))
 
     def observe(self, decode_tokens: int, prompt_tokens: int, seconds: float) -> None:
@@ -494,9 +501,15 @@ class Scheduler:
                 add(seq, seq.next_token, True)
         # Then prompt chunks, oldest first, within what is left of the step's token budget. While streams are
         # decoding, the prompt share of a step is capped: a long prompt then costs running streams a little
-        # latency on many steps instead of one long stall; with nothing decoding, prefill runs at full width.
+        # latency on many steps instead of one long stall; the cap widens with the prompts waiting per running
+        # stream (PrefillBudget.chunk), and with nothing decoding, prefill runs at full width.
         decoding = n
-        limit = self._batch_size if n == 0 else min(self._batch_size, n + (self._prefill_chunk or self._budget.chunk()))
+        if n == 0:
+            limit = self._batch_size
+        else:
+            waiting = sum(1 for seq in active if seq.prefilled < len(seq.prompt) and seq.fork_from is None)
+            chunk = self._prefill_chunk or self._budget.chunk(waiting, decoding)
+            limit = min(self._batch_size, n + chunk)
         for seq in active:
             budget = limit - n
             if budget <= 0:
