@@ -59,7 +59,10 @@ def main() -> int:
     from ray import serve
 
     port = free_port()
-    ray.init(num_cpus=args.cpus, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(SRC)}})
+    # "local": a cluster of our own, even where a stale address file names an older one.
+    ray.init(
+        address="local", num_cpus=args.cpus, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(SRC)}}
+    )
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         settings = Settings(model=[args.model], profile=args.profile, threads=1, embedding_model="none")

@@ -268,6 +268,13 @@ class KeyCache:
         return key
 
 
+def _segment_ids(user: int, conversation: int, turn: int) -> tuple[int, int, int, int]:
+    """The question's, assistant header's, reply's and end-of-reply's segment ids of one turn (positive, below
+    2**47 so that ``(id << 16) + i`` fits a 64-bit token)."""
+    base = ((user * 65_536 + conversation) * 256 + turn) * 4 + 1
+    return base, base + 1, base + 2, base + 3
+
+
 class SimClock:
     """Simulated time, for a policy that asks the time (how long a conversation has been quiet)."""
 
@@ -309,7 +316,6 @@ class Simulation:
         self.records: list[Record] = []
         self._events: list[tuple[float, int, Callable[[float], None]]] = []
         self._order = itertools.count()
-        self._ids = itertools.count(1)
 
     def at(self, when: float, action: Callable[[float], None]) -> None:
         """Run ``action(when)`` at simulated time ``when``."""
@@ -342,12 +348,15 @@ class Simulation:
         if now >= self.duration_s:
             return
         turn = conversation.turns[t]
-        question = (next(self._ids), _text_tokens(turn.question) + MESSAGE_OVERHEAD)
+        # Segment ids are fixed by (user, conversation, turn): the keys that ``self.keys`` shares between runs must
+        # chain from one turn to the next whichever run computed them (a counter would break the chain).
+        ids = _segment_ids(user, conversation.index, t)
+        question = (ids[0], _text_tokens(turn.question) + MESSAGE_OVERHEAD)
         # The assistant header that opens the reply: the same tokens each time, but after a different question, so
         # never part of a prefix another prompt shares.
-        segments = [*history, question, (next(self._ids), 3)]
+        segments = [*history, question, (ids[1], 3)]
         prompt_tokens = sum(n for _, n in segments)
-        reply = (next(self._ids), turn.max_tokens)
+        reply = (ids[2], turn.max_tokens)
         record = Record(user, t, sent=now, prompt_tokens=prompt_tokens)
         self.records.append(record)
         key = self.keys.get((user, conversation.index, t), segments, self.model)
@@ -365,7 +374,7 @@ class Simulation:
             record.completion_tokens = tokens
             record.cached_tokens = request.cached
             # The next prompt resends the reply as text plus the template's end-of-message tokens.
-            next_history = [*history, question, segments[-1], reply, (next(self._ids), 2)]
+            next_history = [*history, question, segments[-1], reply, (ids[3], 2)]
             after = when + self.overhead_s
             if t + 1 < len(conversation.turns):
                 pause = conversation.turns[t + 1].think_s
