@@ -43,6 +43,9 @@ def free_port() -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument(
+        "--profile", default="llamacpp-cpu-q4_1", help="The profile bench/step_costs_t1.json was measured with."
+    )
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument("--cpus", type=int, default=2)
     parser.add_argument("--users", type=int, default=6)
@@ -56,10 +59,13 @@ def main() -> int:
     from ray import serve
 
     port = free_port()
-    ray.init(num_cpus=args.cpus, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(SRC)}})
+    # "local": a cluster of our own, even where a stale address file names an older one.
+    ray.init(
+        address="local", num_cpus=args.cpus, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(SRC)}}
+    )
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        settings = Settings(model=[args.model], threads=1, embedding_model="none")
+        settings = Settings(model=[args.model], profile=args.profile, threads=1, embedding_model="none")
         options = RayServeOptions(replicas=args.replicas, num_cpus=1)
         started = time.monotonic()
         serve.run(build_application(settings, options), name="microserve", route_prefix="/")
@@ -79,6 +85,7 @@ def main() -> int:
                 "spec": spec.to_dict(),
                 "users": args.users,
                 "replicas": args.replicas,
+                "profile": args.profile,
                 "duration_s": args.duration,
                 "warmup_s": args.warmup,
                 "summary": summary,

@@ -41,7 +41,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 from chat_workload import Conversation, Workload, WorkloadSpec, percentile
-from microserve.scale.policy import LeastLoadedPolicy, PrefixAwarePolicy, RoundRobinPolicy, RoutingPolicy
+from microserve.scale.policy import (
+    DEFAULT_IMBALANCE_THRESHOLD,
+    PLACEMENTS,
+    LeastLoadedPolicy,
+    PrefixAwarePolicy,
+    RoundRobinPolicy,
+    RoutingPolicy,
+)
 from microserve.scale.prefix import PrefixKey, key_from_tokens
 
 REPO = Path(__file__).resolve().parent.parent
@@ -261,6 +268,23 @@ class KeyCache:
         return key
 
 
+def _segment_ids(user: int, conversation: int, turn: int) -> tuple[int, int, int, int]:
+    """The question's, assistant header's, reply's and end-of-reply's segment ids of one turn (positive, below
+    2**47 so that ``(id << 16) + i`` fits a 64-bit token)."""
+    base = ((user * 65_536 + conversation) * 256 + turn) * 4 + 1
+    return base, base + 1, base + 2, base + 3
+
+
+class SimClock:
+    """Simulated time, for a policy that asks the time (how long a conversation has been quiet)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 class Simulation:
     """N replicas, a routing policy and the closed-loop users of a workload, on one event queue."""
 
@@ -277,7 +301,9 @@ class Simulation:
         keys: KeyCache | None = None,
         model: str = "smollm2-135m-instruct",
         first_user: int = 0,
+        clock: SimClock | None = None,
     ) -> None:
+        self.clock = clock or SimClock()
         self.replicas = {f"r{i}": SimReplica(f"r{i}", costs, self) for i in range(replicas)}
         self.policy = policy
         self.costs = costs
@@ -290,7 +316,6 @@ class Simulation:
         self.records: list[Record] = []
         self._events: list[tuple[float, int, Callable[[float], None]]] = []
         self._order = itertools.count()
-        self._ids = itertools.count(1)
 
     def at(self, when: float, action: Callable[[float], None]) -> None:
         """Run ``action(when)`` at simulated time ``when``."""
@@ -303,6 +328,7 @@ class Simulation:
             self.at(self.workload.start_s(u), lambda t, u=u, c=conversations: self._start(t, u, c))
         while self._events:
             when, _, action = heapq.heappop(self._events)
+            self.clock.now = when
             action(when)
         return self.records
 
@@ -322,12 +348,15 @@ class Simulation:
         if now >= self.duration_s:
             return
         turn = conversation.turns[t]
-        question = (next(self._ids), _text_tokens(turn.question) + MESSAGE_OVERHEAD)
+        # Segment ids are fixed by (user, conversation, turn): the keys that ``self.keys`` shares between runs must
+        # chain from one turn to the next whichever run computed them (a counter would break the chain).
+        ids = _segment_ids(user, conversation.index, t)
+        question = (ids[0], _text_tokens(turn.question) + MESSAGE_OVERHEAD)
         # The assistant header that opens the reply: the same tokens each time, but after a different question, so
         # never part of a prefix another prompt shares.
-        segments = [*history, question, (next(self._ids), 3)]
+        segments = [*history, question, (ids[1], 3)]
         prompt_tokens = sum(n for _, n in segments)
-        reply = (next(self._ids), turn.max_tokens)
+        reply = (ids[2], turn.max_tokens)
         record = Record(user, t, sent=now, prompt_tokens=prompt_tokens)
         self.records.append(record)
         key = self.keys.get((user, conversation.index, t), segments, self.model)
@@ -345,7 +374,7 @@ class Simulation:
             record.completion_tokens = tokens
             record.cached_tokens = request.cached
             # The next prompt resends the reply as text plus the template's end-of-message tokens.
-            next_history = [*history, question, segments[-1], reply, (next(self._ids), 2)]
+            next_history = [*history, question, segments[-1], reply, (ids[3], 2)]
             after = when + self.overhead_s
             if t + 1 < len(conversation.turns):
                 pause = conversation.turns[t + 1].think_s
@@ -375,15 +404,19 @@ def summarize(records: list[Record], warmup_s: float, duration_s: float, runs: i
     }
 
 
-POLICIES: dict[str, Callable[[int, argparse.Namespace], RoutingPolicy]] = {
-    "prefix-aware": lambda seed, a: PrefixAwarePolicy(
+POLICIES: dict[str, Callable[[int, argparse.Namespace, SimClock], RoutingPolicy]] = {
+    "prefix-aware": lambda seed, a, clock: PrefixAwarePolicy(
         rng=random.Random(seed),
         imbalance_threshold=a.imbalance_threshold,
         capacity_blocks=a.capacity_blocks,
         shared_threshold=a.shared_threshold,
+        placement=a.placement,
+        idle_s=a.idle_s,
+        slots=a.replica_slots,
+        clock=clock,
     ),
-    "least-loaded": lambda seed, a: LeastLoadedPolicy(rng=random.Random(seed)),
-    "round-robin": lambda seed, a: RoundRobinPolicy(),
+    "least-loaded": lambda seed, a, clock: LeastLoadedPolicy(rng=random.Random(seed)),
+    "round-robin": lambda seed, a, clock: RoundRobinPolicy(),
 }
 
 
@@ -401,7 +434,8 @@ def simulate(
     counts: Counter[str] = Counter()
     busy = 0.0
     for group in range(groups):
-        policy = POLICIES[name](args.seed, args)
+        clock = SimClock()
+        policy = POLICIES[name](args.seed, args, clock)
         sim = Simulation(
             n,
             policy,
@@ -412,12 +446,28 @@ def simulate(
             extra_overhead_s=args.extra_overhead_ms / 1000,
             keys=keys,
             first_user=group * users,
+            clock=clock,
         )
         mine = sim.run()
         records += mine
+        if args.per_replica and n > 1:
+            _print_per_replica(name, sim, mine, args)
         counts.update(policy.counts)
         busy += sum(r.busy_s for r in sim.replicas.values()) / (n * max(r.done or 0 for r in mine)) / groups
     return summarize(records, args.warmup, args.duration, runs=groups), counts, busy
+
+
+def _print_per_replica(name: str, sim: Simulation, records: list[Record], args: argparse.Namespace) -> None:
+    # Where the load went: conversations begun, turns, cached prompt share and busy time per replica.
+    end = max(r.done or 0 for r in records)
+    window = [r for r in records if args.warmup <= r.sent < args.duration and r.ttft is not None]
+    parts = []
+    for rname, replica in sim.replicas.items():
+        mine = [r for r in window if r.replica == rname]
+        begun = sum(1 for r in mine if r.turn == 0)
+        cached = sum(r.cached_tokens for r in mine) / max(1, sum(r.prompt_tokens for r in mine))
+        parts.append(f"{rname}: {begun} new/{len(mine)} turns, cached {cached:.2f}, busy {replica.busy_s / end:.2f}")
+    print(f"  {name}: " + "; ".join(parts), file=sys.stderr)
 
 
 def table(args: argparse.Namespace, costs: StepCosts) -> list[dict[str, Any]]:
@@ -427,7 +477,8 @@ def table(args: argparse.Namespace, costs: StepCosts) -> list[dict[str, Any]]:
     single: float | None = None
     print(
         f"{args.users_per_replica} users per replica, think {args.think:g} s, {args.duration:g} s simulated "
-        f"({args.warmup:g} s warm-up left out), {costs.slots} slots; imbalance threshold {args.imbalance_threshold}"
+        f"({args.warmup:g} s warm-up left out), {costs.slots} slots; imbalance threshold {args.imbalance_threshold}, "
+        f"new conversations by {args.placement}"
     )
     print(
         "| N | router | TTFT p50 ms | TTFT p90 ms | tok/s | / (N x single) | cached prompt share | busy | decisions |"
@@ -519,7 +570,8 @@ def compare(args: argparse.Namespace, costs: StepCosts) -> None:
         f"| {args.router} | measured | {measured['ttft_p50_ms']:.0f} | {measured['ttft_p90_ms']:.0f} | "
         f"{measured['tok_s']:.1f} | {measured['cached_fraction']:.2f} | {measured['later_turns_with_cache']:.2f} |"
     )
-    policy = POLICIES[args.router](args.seed, args)
+    clock = SimClock()
+    policy = POLICIES[args.router](args.seed, args, clock)
     sim = Simulation(
         n,
         policy,
@@ -528,6 +580,7 @@ def compare(args: argparse.Namespace, costs: StepCosts) -> None:
         users=run["users"],
         duration_s=args.duration,
         extra_overhead_s=args.extra_overhead_ms / 1000,
+        clock=clock,
     )
     s = summarize(sim.run(), args.warmup, args.duration)
     print(
@@ -557,17 +610,21 @@ def main() -> int:
         "--cost-scale", type=float, default=1.0, help="Multiply every step cost (replicas sharing cores are slower)."
     )
     parser.add_argument("--slots", type=int, help="Sequence slots per replica (default: the measured server's).")
-    parser.add_argument("--imbalance-threshold", type=int, default=4)
+    parser.add_argument("--imbalance-threshold", type=int, default=DEFAULT_IMBALANCE_THRESHOLD)
     parser.add_argument("--capacity-blocks", type=int, default=2048)
     parser.add_argument("--shared-threshold", type=int, default=0)
+    parser.add_argument("--placement", choices=PLACEMENTS, default="stalest", help="How new conversations are placed.")
+    parser.add_argument("--idle-s", type=float, help="Quiet seconds that end a conversation (default: measured).")
     parser.add_argument("--extra-overhead-ms", type=float, default=0.0, help="Added per request (a router's hop).")
     parser.add_argument("--plot", type=Path, default=REPO / "docs" / "img" / "router-sim.png")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "router_sim.json")
     parser.add_argument("--compare", type=Path, help="A chat_workload.py --out file: predict that run.")
     parser.add_argument("--router", choices=list(POLICIES), default="prefix-aware", help="The router of --compare.")
     parser.add_argument("--verbose", action="store_true")
+    parser.add_argument("--per-replica", action="store_true", help="Print each replica's share of the load.")
     args = parser.parse_args()
     costs = StepCosts.load(args.costs, args.slots, args.cost_scale)
+    args.replica_slots = costs.slots  # the router knows the replicas' slots, as the Ray router does from settings
     if args.compare:
         compare(args, costs)
         return 0

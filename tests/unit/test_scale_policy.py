@@ -157,7 +157,7 @@ def test_a_holder_too_far_behind_the_least_loaded_loses_the_request() -> None:
 def test_a_new_prefix_goes_to_the_less_loaded_of_two_random_replicas() -> None:
     queues = {f"r{i}": i for i in range(8)}
     chosen = Counter()
-    p = policy()
+    p = policy(placement="two_choices")
     for n in range(2000):
         decision = p.choose(key(conversation(2, 1000 + n)), queues)
         assert decision.reason == "new_prefix"
@@ -170,7 +170,7 @@ def test_a_new_prefix_goes_to_the_less_loaded_of_two_random_replicas() -> None:
 
 
 def test_two_choices_with_two_replicas_is_least_loaded() -> None:
-    p = policy()
+    p = policy(placement="two_choices")
     assert p.choose(key(conversation(2, 1)), {"a": 5, "b": 1}).replica == "b"
 
 
@@ -184,14 +184,14 @@ def test_no_prefix_is_placed_by_load() -> None:
 def test_a_shared_prefix_is_followed_only_when_it_costs_no_extra_wait() -> None:
     # Conversations that share a system prompt: the holder of the system prompt alone (not of this conversation)
     # gets a new conversation only when it is no busier than the power-of-two pick.
-    p = policy()
+    p = policy(placement="two_choices")
     system = conversation(4, 0)
     p.routed("a", key(system + conversation(2, 1)))
     first_turn = key(system + conversation(2, 2))
     assert p.choose(first_turn, {"a": 1, "b": 1}).reason == "shared_prefix"
     decision = p.choose(first_turn, {"a": 2, "b": 1})
     assert (decision.replica, decision.reason) == ("b", "new_prefix")
-    tolerant = policy(shared_threshold=1)
+    tolerant = policy(placement="two_choices", shared_threshold=1)
     tolerant.routed("a", key(system + conversation(2, 1)))
     assert tolerant.choose(first_turn, {"a": 2, "b": 1}).replica == "a"
 
@@ -205,6 +205,115 @@ def test_a_next_turn_follows_its_history_where_a_shared_prefix_would_not() -> No
     queues = {"a": 3, "b": 0}
     assert p.choose(key(turn1 + conversation(3, 8)), queues).reason == "prefix_hit"
     assert p.choose(key(system + conversation(2, 9)), queues).replica == "b"
+
+
+# -- placing new conversations by the slots they would take ---------------------------------------------------------
+
+
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_new_conversation_goes_where_a_slot_is_free_even_behind_a_longer_queue() -> None:
+    clock = Clock()
+    p = policy(slots=2, clock=clock, idle_s=100)
+    for n, replica in enumerate(["a", "a", "b"]):
+        p.routed(replica, key(conversation(3, n)))
+    # "a" holds two conversations in its two slots, "b" one: a new conversation belongs on "b", busier or not; a
+    # queue says only what is in flight, not what is held between turns.
+    decision = p.choose(key(conversation(3, 50)), {"a": 0, "b": 3})
+    assert (decision.replica, decision.reason) == ("b", "new_prefix")
+
+
+def test_when_every_slot_is_taken_the_stalest_conversation_makes_room() -> None:
+    clock = Clock()
+    p = policy(slots=2, clock=clock, idle_s=100)
+    for t, replica, n in [(0, "a", 1), (1, "b", 2), (2, "b", 3), (3, "a", 4)]:
+        clock.now = t
+        p.routed(replica, key(conversation(3, n)))
+    clock.now = 10
+    # Each replica's second most recent conversation would be evicted: a's spoke at t=0, b's at t=1.
+    assert p.conversations.stalest("a", 2) == 0 and p.conversations.stalest("b", 2) == 1
+    assert p.choose(key(conversation(3, 60)), {"a": 1, "b": 0}).replica == "a"
+
+
+def test_a_next_turn_moves_its_conversation_instead_of_adding_one() -> None:
+    clock = Clock()
+    p = policy(slots=4, clock=clock, idle_s=100)
+    turn1 = conversation(3, 1)
+    p.routed("a", key(turn1))
+    clock.now = 5
+    p.routed("a", key(turn1 + conversation(2, 7)))
+    assert p.conversations.live("a") == 1
+    # A turn that spilled to another replica takes its conversation along.
+    clock.now = 9
+    p.routed("b", key(turn1 + conversation(2, 7) + conversation(2, 8)))
+    assert (p.conversations.live("a"), p.conversations.live("b")) == (0, 1)
+
+
+def test_a_quiet_conversation_stops_counting_after_its_measured_gap() -> None:
+    clock = Clock()
+    p = policy(clock=clock)
+    # Turns 4 s apart: the idle window becomes twice the gap.
+    history = conversation(2, 1)
+    for t in range(0, 40, 4):
+        clock.now = t
+        history = history + conversation(1, 100 + t)
+        p.routed("a", key(history))
+    assert p.conversations.window() == pytest.approx(8.0)
+    p.routed("b", key(conversation(2, 2)))
+    clock.now = 36 + 7.9
+    assert p.conversations.live("a") == 1
+    clock.now = 36 + 8.1
+    assert p.conversations.live("a") == 0
+    assert p.conversations.live("b") == 0  # sent at t=36 too
+    assert len(p.conversations) == 0
+
+
+def test_equal_slots_and_load_prefer_the_holder_of_a_shared_prompt() -> None:
+    p = policy(clock=Clock(), idle_s=100)
+    system = conversation(4, 0)
+    p.routed("a", key(system + conversation(2, 1)))
+    p.routed("b", key(conversation(3, 2)))
+    # "c" holds no conversation: it wins, though a request (without a prompt) is in flight there.
+    assert p.choose(key(system + conversation(2, 3)), {"a": 0, "b": 0, "c": 1}).replica == "c"
+    p.routed("c", key(conversation(3, 9)))
+    # Now all three tie on slots and load, and "a" holds the system prompt.
+    decision = p.choose(key(system + conversation(2, 3)), {"a": 0, "b": 0, "c": 0})
+    assert (decision.replica, decision.reason, decision.matched) == ("a", "shared_prefix", 4)
+
+
+def test_conversations_state_is_bounded() -> None:
+    p = policy(capacity_blocks=50, clock=Clock(), idle_s=1e9)
+    queues = {f"r{i}": 0 for i in range(4)}
+    for n in range(3000):
+        k = key(conversation(2, n))
+        p.routed(p.choose(k, queues).replica, k)
+    assert len(p.conversations) <= 4 * 50
+
+
+def test_new_conversations_fill_replicas_evenly() -> None:
+    clock = Clock()
+    p = policy(slots=8, clock=clock, idle_s=100)
+    queues = {f"r{i}": 0 for i in range(8)}
+    for n in range(64):
+        clock.now = n * 0.1
+        k = key(conversation(3, n))
+        p.routed(p.choose(k, queues).replica, k)
+    assert {p.conversations.live(r) for r in queues} == {8}
+
+
+def test_placement_and_slots_are_checked() -> None:
+    with pytest.raises(ValueError, match="placement"):
+        policy(placement="random")
+    with pytest.raises(ValueError, match="slots"):
+        policy(slots=0)
 
 
 def test_only_candidates_are_considered() -> None:

@@ -29,7 +29,14 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, Field
 
 from microserve.scale.forward import ASGIApp, ForwardedRequest, Lifespan, ResponseStart, call, serve_asgi
-from microserve.scale.policy import DEFAULT_CAPACITY_BLOCKS, DEFAULT_IMBALANCE_THRESHOLD, DEFAULT_SHARED_THRESHOLD
+from microserve.scale.policy import (
+    DEFAULT_CAPACITY_BLOCKS,
+    DEFAULT_IMBALANCE_THRESHOLD,
+    DEFAULT_SHARED_THRESHOLD,
+    DEFAULT_SLOTS,
+    PLACEMENTS,
+    Placement,
+)
 from microserve.scale.prefix import PrefixKey, key_from_body
 from microserve.server.auth import METRICS_PATHS
 from microserve.settings import Settings
@@ -88,6 +95,11 @@ class RayServeOptions(BaseModel):
     )
     capacity_blocks: int = Field(
         default=DEFAULT_CAPACITY_BLOCKS, ge=1, description="Prefix blocks remembered per replica."
+    )
+    placement: Placement = Field(
+        default="stalest",
+        description=f"How new conversations are placed ({', '.join(PLACEMENTS)}): where the slot they take holds "
+        "the stalest conversation, or the less loaded of two random replicas.",
     )
     ingress_replicas: int = Field(default=1, ge=1, description="Ingress replicas (each keeps its own prefix table).")
     graceful_shutdown_timeout_s: float = Field(
@@ -318,6 +330,9 @@ def build_application(settings: Settings, options: RayServeOptions | None = None
                 "imbalance_threshold": options.imbalance_threshold,
                 "shared_threshold": options.shared_threshold,
                 "capacity_blocks": options.capacity_blocks,
+                # The router places conversations by the slots each replica has: the replicas' parallel setting.
+                "slots": settings.parallel or DEFAULT_SLOTS,
+                "placement": options.placement,
             },
         },
     )(ReplicaServer)

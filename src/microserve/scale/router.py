@@ -23,6 +23,8 @@ from microserve.scale.policy import (
     DEFAULT_CAPACITY_BLOCKS,
     DEFAULT_IMBALANCE_THRESHOLD,
     DEFAULT_SHARED_THRESHOLD,
+    DEFAULT_SLOTS,
+    Placement,
     PrefixAwarePolicy,
 )
 from microserve.scale.prefix import PrefixKey
@@ -45,14 +47,16 @@ def prefix_key_of(pending: PendingRequest | None) -> PrefixKey | None:
 
 class PrefixLoadRouter(RequestRouter):
     """Routes to the replica most likely to hold the request's prompt prefix, unless it is too far behind the
-    least loaded one; new prefixes by power of two choices. Decisions are counted in a Ray metric,
-    ``microserve_router_decisions`` (tag ``decision``)."""
+    least loaded one; new conversations where the slot they take holds the stalest conversation. Decisions are
+    counted in a Ray metric, ``microserve_router_decisions`` (tag ``decision``)."""
 
     def initialize_state(
         self,
         imbalance_threshold: int = DEFAULT_IMBALANCE_THRESHOLD,
         capacity_blocks: int = DEFAULT_CAPACITY_BLOCKS,
         shared_threshold: int = DEFAULT_SHARED_THRESHOLD,
+        slots: int = DEFAULT_SLOTS,
+        placement: Placement = "stalest",
         **_: Any,
     ) -> None:
         """Called by Ray with ``request_router_config.request_router_kwargs``."""
@@ -60,6 +64,8 @@ class PrefixLoadRouter(RequestRouter):
             imbalance_threshold=imbalance_threshold,
             capacity_blocks=capacity_blocks,
             shared_threshold=shared_threshold,
+            slots=slots,
+            placement=placement,
         )
         self._keys: dict[str, PrefixKey | None] = {}
         self._decisions = _decision_counter()
