@@ -94,6 +94,7 @@ class VllmEngine:
 
     def engine_args(self) -> Any:
         """vLLM's ``AsyncEngineArgs`` for this configuration."""
+        from vllm.config import StructuredOutputsConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
 
         cfg = self.config
@@ -110,6 +111,9 @@ class VllmEngine:
             gpu_memory_utilization=cfg.gpu_memory_utilization,
             enforce_eager=cfg.enforce_eager,
             enable_prefix_caching=cfg.prefix_cache,
+            # JSON without optional whitespace (as the llama.cpp engine's grammars write it): a small model given
+            # free whitespace inside a schema can spend its whole budget on it.
+            structured_outputs_config=StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True),
             max_logprobs=cfg.max_logprobs,
             seed=cfg.seed,
             # Stats reach the snapshot logger only; vLLM's periodic log lines and its Prometheus registry stay off.
@@ -307,12 +311,18 @@ class VllmEngine:
         from vllm.sampling_params import RequestOutputKind, SamplingParams
 
         p = request.params
+        n = max(1, request.n)
+        temperature, top_k = p.temperature, p.top_k
+        if n > 1 and temperature == 0:
+            # vLLM refuses n > 1 when greedy; the API allows it (n equal choices), and sampling from the top token
+            # only is the same choice (logprobs are read from the raw logits either way).
+            temperature, top_k = 1.0, 1
         return SamplingParams(
-            n=max(1, request.n),
+            n=n,
             max_tokens=p.max_tokens,
-            temperature=p.temperature,
+            temperature=temperature,
             top_p=p.top_p,
-            top_k=p.top_k,
+            top_k=top_k,
             min_p=p.min_p,
             seed=p.seed,
             presence_penalty=p.presence_penalty,
