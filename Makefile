@@ -21,7 +21,7 @@ VLLM_VENV ?= .venv-vllm
 VLLM_BIN := $(VLLM_VENV)/bin
 VLLM_TEST_DEPS := "pytest>=8,<10" "pytest-timeout>=2.3,<3" "openai>=1.40,<4" "jsonschema>=4.20,<5" "schemathesis>=4.32,<5"
 test-vllm: $(VLLM_VENV)/.installed
-	$(VLLM_BIN)/python -m pytest -m vllm tests/e2e --durations=5
+	$(VLLM_BIN)/python -m pytest -m vllm tests/unit tests/e2e --durations=5
 
 $(VLLM_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VLLM_VENV)
