@@ -38,13 +38,15 @@ def _human(size: int) -> str:
 
 def _print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title=title, title_justify="left")
     for column in columns:
         table.add_column(column, overflow="fold")
     for row in rows:
-        table.add_row(*row)
+        # Cells are plain text: "pip install 'microserve[vllm]'" must not lose its brackets to rich's markup.
+        table.add_row(*(escape(cell) for cell in row))
     Console(width=max(160, Console().width)).print(table)
 
 
