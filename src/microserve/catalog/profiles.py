@@ -5,6 +5,9 @@ Selection order, best first, among the compatible profiles:
 1. device: ``nvidia`` before ``cpu`` (a GPU that fits the model serves it faster than the CPU);
 2. the order of the profiles in the manifest (manifests list the preferred build of each device first).
 
+A profile with ``auto_select: false`` (vLLM's CPU build, slower on a CPU than llama.cpp) is never chosen for the
+machine; it runs only when forced.
+
 A forced profile (``--profile``, ``MICROSERVE_PROFILE``, ``NIM_MODEL_PROFILE``) is used when compatible and is an
 error otherwise: microserve never falls back silently from the profile an operator asked for.
 """
@@ -89,7 +92,7 @@ def select_profile(manifest: Manifest, hardware: Hardware, forced: str | None = 
             )
         return match.profile
     for check in checks:
-        if check.compatible:
+        if check.compatible and check.profile.auto_select:
             return check.profile
     details = "; ".join(f"{c.profile.id}: {', '.join(c.reasons)}" for c in checks)
     raise ProfileError(f"no profile of {manifest.id} can run on this machine ({details})")

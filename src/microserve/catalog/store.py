@@ -241,18 +241,32 @@ class ModelStore:
                         raise ArtifactError(
                             f"cannot make {target.name} for {profile.id} of {manifest.id}: {exc}"
                         ) from exc
-                actual = self._sha256(tmp, target.name)
-                if source.sha256 is not None and actual != source.sha256:
-                    raise ArtifactError(
-                        f"{target.name} derived from {origin} has sha256 {actual}, expected {source.sha256}; "
-                        "nothing was placed"
-                    )
+                if tmp.is_dir():
+                    # A directory (Hugging Face weights): every file's digest is recorded and checked on load.
+                    digests = {
+                        path.relative_to(tmp).as_posix(): self._sha256(path)
+                        for path in sorted(tmp.rglob("*"))
+                        if path.is_file()
+                    }
+                    if not digests:
+                        raise ArtifactError(f"deriving {target.name} for {profile.id} of {manifest.id} wrote nothing")
+                else:
+                    actual = self._sha256(tmp, target.name)
+                    if source.sha256 is not None and actual != source.sha256:
+                        raise ArtifactError(
+                            f"{target.name} derived from {origin} has sha256 {actual}, expected {source.sha256}; "
+                            "nothing was placed"
+                        )
+                    digests = {target.name: actual}
                 # The record first: a crash before the rename leaves a record without a file, which the next
                 # start overwrites, never a file that nothing vouches for.
-                record.write_text(f"{actual}  {target.name}\n")
+                record.write_text("".join(f"{digest}  {name}\n" for name, digest in digests.items()))
                 os.replace(tmp, target)
             finally:
-                tmp.unlink(missing_ok=True)
+                if tmp.is_dir():
+                    shutil.rmtree(tmp, ignore_errors=True)
+                else:
+                    tmp.unlink(missing_ok=True)
             log.info("made %s (%s) from %s: %s", manifest.id, profile.id, parent.id, target)
             return target
 

@@ -38,13 +38,15 @@ def _human(size: int) -> str:
 
 def _print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title=title, title_justify="left")
     for column in columns:
         table.add_column(column, overflow="fold")
     for row in rows:
-        table.add_row(*row)
+        # Cells are plain text: "pip install 'microserve[vllm]'" must not lose its brackets to rich's markup.
+        table.add_row(*(escape(cell) for cell in row))
     Console(width=max(160, Console().width)).print(table)
 
 
@@ -156,6 +158,7 @@ def register(app: typer.Typer) -> None:
                             "compatible": c.compatible,
                             "reasons": list(c.reasons),
                             "selected": c.profile.id == selected,
+                            "auto_select": c.profile.auto_select,
                             "cached": store.is_cached(manifest, c.profile),
                         }
                         for c in check_all(manifest, machine)
@@ -180,7 +183,11 @@ def register(app: typer.Typer) -> None:
                         p["device"],
                         f"{p['format']} {p['quantization'] or ''}".strip(),
                         f"{p['min_memory_mb']} MiB",
-                        "selected" if p["selected"] else "compatible" if p["compatible"] else "incompatible",
+                        "selected"
+                        if p["selected"]
+                        else ("compatible" if p["auto_select"] else "only when asked")
+                        if p["compatible"]
+                        else "incompatible",
                         "; ".join(p["reasons"]) or "-",
                         "yes" if p["cached"] else "no",
                         f"made here from {p['derived_from']}" if p["derived_from"] else p["source"],
@@ -199,6 +206,12 @@ def register(app: typer.Typer) -> None:
                             f"{p['engine']} engine ({p['format']} {p['quantization'] or ''}".rstrip()
                             + "), then cached and verified like a downloaded file; "
                             + ("already made." if p["cached"] else "made on first use or by `microserve pull`.")
+                        )
+                for p in entry["profiles"]:
+                    if not p["auto_select"]:
+                        typer.echo(
+                            f"{p['id']}: never chosen for the machine; served only when asked for with "
+                            f"--profile {p['id']} or MICROSERVE_PROFILE={p['id']}."
                         )
         if errors:
             fail("; ".join(errors))

@@ -38,6 +38,8 @@ class EngineSpec:
     extra: str | None = None  # the microserve extra that installs the library; None: a core dependency
     lora: str | None = None  # the LoRA adapter format the engine loads ("gguf", "peft"); None: no adapters
     derives: frozenset[str] = frozenset()  # the artifact types ``derive`` writes from an artifact the engine reads
+    # Formats ``derive`` reads besides the engine's own (vLLM serves safetensors made from a GGUF).
+    derives_from: frozenset[str] = frozenset()
 
     @property
     def adapter(self) -> str:
@@ -82,7 +84,18 @@ ENGINES: dict[str, EngineSpec] = {
             # GGUF file types llama.cpp's own quantizer writes from any GGUF, a quantized one included.
             derives=frozenset({"F32", "F16", "BF16", "Q8_0"}),
         ),
-        EngineSpec("vllm", _TEXT, frozenset({"safetensors"}), "vllm", "vllm", extra="vllm", lora="peft"),
+        EngineSpec(
+            "vllm",
+            _TEXT,
+            frozenset({"safetensors"}),
+            "vllm",
+            "vllm",
+            extra="vllm",
+            lora="peft",
+            # Hugging Face weights in these dtypes, written by transformers from a GGUF.
+            derives=frozenset({"BF16", "F16", "F32"}),
+            derives_from=frozenset({"gguf"}),
+        ),
         # Serves with ONNX Runtime; torch only exports a model to ONNX once, in a child process.
         EngineSpec("encoder", _ENCODER, frozenset({"safetensors", "pytorch"}), "onnxruntime", "onnxruntime"),
     )
