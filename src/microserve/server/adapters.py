@@ -145,7 +145,8 @@ class AdapterManager:
 
     def _require(self) -> None:
         if not self.enabled:
-            raise InvalidRequest("no served model takes LoRA adapters", param="lora_name", code="adapters_unsupported")
+            # 404, as vLLM answers where runtime adapters are off: this server has no adapters to load or retire.
+            raise NotFound("no served model takes LoRA adapters", param="lora_name", code="adapters_unsupported")
 
     async def _add(self, source: AdapterSource, origin: str, stamp: tuple[tuple[str, int, int], ...]) -> ServedAdapter:
         existing = self._models.find(source.name)

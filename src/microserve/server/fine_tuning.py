@@ -61,7 +61,12 @@ class FineTuning:
     def tunable(self, model: str) -> str | None:
         """Why ``model`` cannot be fine-tuned here, or None when it can; a 404 when no served model has that name."""
         if not self.adapters.enabled:
-            return "no served model takes LoRA adapters, so none can be fine-tuned here"
+            # Like a name no served model has: there is no model here to fine-tune.
+            raise NotFound(
+                "no served model takes LoRA adapters, so none can be fine-tuned here",
+                param="model",
+                code="model_not_found",
+            )
         if self.adapters.base_model(model) is None:
             names = ", ".join(b.name for b in self.adapters.base_models())
             raise NotFound(

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from microserve.engines.base import EncoderInput
-from microserve.errors import InvalidRequest
+from microserve.errors import InvalidRequest, NoModelForRoute
 from microserve.protocol.ranking import MAX_PASSAGES
 from microserve.services.embeddings import fit
 from microserve.services.models import ModelTable, ServedModel
@@ -69,7 +69,7 @@ class RankingService:
             return self._models.encoder(name, route=route)
         candidates = self._models.encoders("ranking") or self._models.encoders("embedding")
         if not candidates:
-            raise InvalidRequest(f"this service serves no model for {route}", param="model")
+            raise NoModelForRoute(route)
         return self._models.encoder(candidates[0].name, route=route)
 
     def _pairs(
