@@ -42,13 +42,11 @@ CHECKS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def fuzzed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    # Small completion budget: generated requests may ask for anything, the server bounds the work.
-    tmp = Path(tmp_path_factory.mktemp("fuzz"))
-    # The fine-tuning routes are on by default; what the fuzzer uploads stays in this test's directory.
-    server = start_server(
-        tmp,
+def server_args(tmp: Path) -> tuple[str, ...]:
+    """The fuzzed server's options, whatever its engine: two slots, a small completion budget (generated requests
+    may ask for anything, the server bounds the work), and the fine-tuning routes (on by default) keeping what the
+    fuzzer uploads in the test's directory."""
+    return (
         "--fine-tuning-dir",
         str(tmp / "fine_tuning"),
         "--lora-dir",
@@ -57,8 +55,13 @@ def fuzzed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         "2",
         "--max-tokens-limit",
         "8",
-        env={"MICROSERVE_API_KEYS": KEY},
     )
+
+
+@pytest.fixture(scope="module")
+def fuzzed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    tmp = Path(tmp_path_factory.mktemp("fuzz"))
+    server = start_server(tmp, *server_args(tmp), env={"MICROSERVE_API_KEYS": KEY})
     yield server
     server.stop()
 

@@ -18,18 +18,7 @@ pytestmark = pytest.mark.vllm
 @pytest.fixture(scope="module")
 def fuzzed_vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     tmp = Path(tmp_path_factory.mktemp("fuzz-vllm"))
-    server = start_vllm_server(
-        tmp,
-        "--fine-tuning-dir",
-        str(tmp / "fine_tuning"),
-        "--lora-dir",
-        str(tmp / "loras"),
-        "--parallel",
-        "2",
-        "--max-tokens-limit",
-        "8",
-        env={"MICROSERVE_API_KEYS": test_fuzz.KEY},
-    )
+    server = start_vllm_server(tmp, *test_fuzz.server_args(tmp), env={"MICROSERVE_API_KEYS": test_fuzz.KEY})
     yield server
     server.stop()
 

@@ -299,3 +299,21 @@ class EncoderEngine(Protocol):
     def stats(self) -> EncoderStats:
         """Batching counters."""
         ...
+
+
+def check_prompt(prompt: Sequence[int], *, vocab_size: int, context_length: int, max_tokens: int) -> None:
+    """The 400s every text engine gives while a request is prepared: an empty prompt, a token id outside the
+    vocabulary, or a prompt and completion longer than the context (in OpenAI's words and code)."""
+    from microserve.errors import InvalidRequest
+
+    if not prompt:
+        raise InvalidRequest("the prompt is empty: it has no tokens", param="prompt")
+    if min(prompt) < 0 or max(prompt) >= vocab_size:
+        raise InvalidRequest(f"the prompt holds a token id outside [0, {vocab_size})", param="prompt")
+    if len(prompt) + max_tokens > context_length:
+        raise InvalidRequest(
+            f"This model's maximum context length is {context_length} tokens, but {len(prompt)} prompt tokens "
+            f"plus {max_tokens} completion tokens were requested.",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )

@@ -23,6 +23,7 @@ from microserve.engines.base import (
     ModelInfo,
     PromptSegment,
     TokenLogprob,
+    check_prompt,
 )
 from microserve.engines.llamacpp.batch_sampling import RowSampler
 from microserve.engines.llamacpp.grammar import GrammarCache
@@ -395,19 +396,12 @@ class LlamaCppEngine:
 
     def check_request(self, request: GenerationRequest) -> None:
         """400s for what this engine cannot serve, raised while the request is prepared (before any stream)."""
-        prompt = request.prompt_tokens
-        limit = self.info.context_length
-        if not prompt:
-            raise InvalidRequest("the prompt is empty: it has no tokens", param="prompt")
-        if min(prompt) < 0 or max(prompt) >= self._n_vocab:
-            raise InvalidRequest(f"the prompt holds a token id outside [0, {self._n_vocab})", param="prompt")
-        if len(prompt) + request.params.max_tokens > limit:
-            raise InvalidRequest(
-                f"This model's maximum context length is {limit} tokens, but {len(prompt)} prompt tokens "
-                f"plus {request.params.max_tokens} completion tokens were requested.",
-                param="max_tokens",
-                code="context_length_exceeded",
-            )
+        check_prompt(
+            request.prompt_tokens,
+            vocab_size=self._n_vocab,
+            context_length=self.info.context_length,
+            max_tokens=request.params.max_tokens,
+        )
         if request.adapter is not None and (self._loras is None or not self._loras.registered(request.adapter)):
             raise InvalidRequest(
                 f"the adapter `{request.adapter}` is not loaded", param="model", code="model_not_found"
