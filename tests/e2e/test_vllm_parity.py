@@ -1,8 +1,10 @@
 """Greedy text through microserve's vLLM engine equals vLLM's own OpenAI server (``vllm serve``) on the same
-derived weights: microserve's layer changes nothing of what the engine writes. Runs in the vLLM job."""
+derived weights: microserve's layer changes nothing of what the engine writes; the same directory named by path is
+served too. Runs in the vLLM job."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -12,7 +14,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from conftest import VLLM_PROFILE, Server, free_port
+from conftest import VLLM_PROFILE, Server, free_port, start_server
 
 pytestmark = pytest.mark.vllm
 
@@ -29,16 +31,7 @@ CONTINUATIONS = ("The capital of France is", "Once upon a time, there was", "The
 @pytest.fixture(scope="module")
 def vllm_own(vllm_smollm: Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """``vllm serve`` on the Hugging Face directory microserve derived and serves, with the same engine limits."""
-    from microserve.catalog.manifest import find_builtin
-    from microserve.catalog.store import ModelStore
-    from microserve.settings import Settings
-
-    manifest = find_builtin(MODEL)
-    assert manifest is not None
-    profile = manifest.profile(VLLM_PROFILE)
-    assert profile is not None
-    weights = ModelStore(Settings().cache_dir).path_for(manifest, profile)
-    assert (weights / "model.safetensors").is_file()
+    weights = _derived_weights()
     port = free_port()
     log = Path(tmp_path_factory.mktemp("vllm-own")) / "vllm-serve.log"
     # vLLM's OpenAI server, the one `vllm serve` runs; started as a module because the `vllm` command looks up the
@@ -65,6 +58,21 @@ def vllm_own(vllm_smollm: Server, tmp_path_factory: pytest.TempPathFactory) -> I
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def _derived_weights() -> Path:
+    """The Hugging Face directory microserve derived for the vllm-cpu profile (the vllm_smollm fixture made it)."""
+    from microserve.catalog.manifest import find_builtin
+    from microserve.catalog.store import ModelStore
+    from microserve.settings import Settings
+
+    manifest = find_builtin(MODEL)
+    assert manifest is not None
+    profile = manifest.profile(VLLM_PROFILE)
+    assert profile is not None
+    weights = ModelStore(Settings().cache_dir).path_for(manifest, profile)
+    assert (weights / "model.safetensors").is_file()
+    return weights
 
 
 def _wait(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
@@ -105,3 +113,39 @@ def test_greedy_completion_is_the_same_text_as_vllm_serve(vllm_smollm: Server, v
     a = ours.completions.create(model=MODEL, prompt=prompt, max_tokens=32, temperature=0)
     b = theirs.completions.create(model=MODEL, prompt=prompt, max_tokens=32, temperature=0)
     assert a.choices[0].text and a.choices[0].text == b.choices[0].text
+
+
+def test_a_hugging_face_directory_named_by_path_is_served_on_vllm(
+    vllm_smollm: Server, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The derived directory given as ``--model PATH``, no profile asked for: microserve reads its config.json,
+    picks the vLLM CPU profile on this GPU-less machine and answers as the built-in model does on the same weights."""
+    weights = _derived_weights()
+    server = start_server(
+        tmp_path_factory.mktemp("hf-dir"),
+        *("--model", str(weights), "--embedding-model", "none", "--vllm-enforce-eager"),
+        *("--vllm-kv-cache-mb", "256", "--context-length", "2048", "--parallel", "2"),
+        ready_timeout=900,
+    )
+    try:
+        models = [m["id"] for m in httpx.get(f"{server.v1}/models").json()["data"]]
+        assert models == [weights.name]
+        profile = httpx.get(f"{server.v1}/metadata").json()
+        assert "vllm-cpu" in json.dumps(profile)
+        messages = [{"role": "user", "content": PROMPTS[0]}]
+        ours = server.client().chat.completions.create(
+            model=weights.name,
+            messages=messages,  # type: ignore[arg-type]
+            max_tokens=24,
+            temperature=0,
+        )
+        builtin = vllm_smollm.client().chat.completions.create(
+            model=MODEL,
+            messages=messages,  # type: ignore[arg-type]
+            max_tokens=24,
+            temperature=0,
+        )
+        assert ours.choices[0].message.content
+        assert ours.choices[0].message.content == builtin.choices[0].message.content
+    finally:
+        server.stop()

@@ -1,11 +1,17 @@
-"""The vLLM profiles of the catalog on a sample reading of an 80 GB NVIDIA GPU and on this CPU-only machine."""
+"""The vLLM profiles of the catalog, and of a Hugging Face directory, on a sample reading of an 80 GB NVIDIA GPU and
+on this CPU-only machine."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import pytest
 
 from microserve.catalog.manifest import Manifest, find_builtin
 from microserve.catalog.profiles import ProfileError, check_all, select_profile
+from microserve.catalog.resolve import lookup
+from microserve.catalog.store import ArtifactError
 from microserve.hardware import Hardware, parse_nvidia_smi
 
 # nvidia-smi --query-gpu=index,name,memory.total,memory.free,compute_cap --format=csv,noheader,nounits
@@ -71,3 +77,56 @@ def test_the_vllm_cpu_profile_runs_only_when_asked_for() -> None:
     else:
         with pytest.raises(ProfileError, match="vllm"):
             select_profile(manifest, CPU_MACHINE, "vllm-cpu-f32")
+
+
+def hf_directory(root: Path, *, chat: bool = True, weights: bool = True) -> Path:
+    """A Hugging Face model directory as ``save_pretrained`` writes one (the files' contents are not read here)."""
+    folder = root / "tiny-llama"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "max_position_embeddings": 2048}))
+    (folder / "tokenizer.json").write_text("{}")
+    template = {"chat_template": "{% for m in messages %}{{ m.content }}{% endfor %}"} if chat else {}
+    (folder / "tokenizer_config.json").write_text(json.dumps(template))
+    if weights:
+        (folder / "model.safetensors").write_bytes(b"\0" * (3 << 20))
+    return folder
+
+
+def test_a_hugging_face_directory_is_a_vllm_model_with_a_gpu_and_a_cpu_profile(tmp_path: Path) -> None:
+    planned = lookup(str(hf_directory(tmp_path)))
+    manifest = planned.manifest
+    assert (manifest.id, manifest.task, manifest.context_length, manifest.architecture) == (
+        "tiny-llama",
+        "chat",
+        2048,
+        "llama",
+    )
+    checks = check_all(manifest, GPU_MACHINE)
+    # On a GPU machine the GPU profile ranks first; on this CPU machine the GPU profile says why it cannot run.
+    assert [c.profile.id for c in checks] == ["vllm-nvidia", "vllm-cpu"]
+    assert all(c.profile.engine == "vllm" and c.profile.auto_select for c in checks)
+    cpu_checks = {c.profile.id: c for c in check_all(manifest, CPU_MACHINE)}
+    assert "no NVIDIA GPU found" in "; ".join(cpu_checks["vllm-nvidia"].reasons)
+
+
+def test_a_directory_without_a_chat_template_serves_completions(tmp_path: Path) -> None:
+    assert lookup(str(hf_directory(tmp_path, chat=False))).manifest.task == "completion"
+
+
+def test_a_directory_that_is_not_a_model_is_refused_with_what_is_missing(tmp_path: Path) -> None:
+    with pytest.raises(ArtifactError, match=r"no \*\.safetensors weights"):
+        lookup(str(hf_directory(tmp_path, weights=False)))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ArtifactError, match=r"without config\.json"):
+        lookup(str(empty))
+    (tmp_path / "b").mkdir()
+    broken = hf_directory(tmp_path / "b")
+    (broken / "config.json").write_text("{not json")
+    with pytest.raises(ArtifactError, match=r"unreadable config\.json"):
+        lookup(str(broken))
+
+
+@pytest.mark.vllm
+def test_with_vllm_installed_a_hugging_face_directory_runs_on_vllm_cpu_here(tmp_path: Path) -> None:
+    assert select_profile(lookup(str(hf_directory(tmp_path))).manifest, CPU_MACHINE).id == "vllm-cpu"

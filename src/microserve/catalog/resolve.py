@@ -1,15 +1,17 @@
 """From a model argument to a verified local artifact with the profile chosen for this machine.
 
 A model is named by a catalog id or alias, by a path to a GGUF file, by a Hugging Face file
-(``hf://owner/repo/path/file.gguf[@revision]``, also ``hf.co/...`` and ``huggingface.co/...``), or, for embedding and
-ranking models, by a sentence-transformers directory. Paths, directories and Hub files have no manifest: one is
-synthesized from what the file says (the GGUF header: architecture, context length, chat template).
+(``hf://owner/repo/path/file.gguf[@revision]``, also ``hf.co/...`` and ``huggingface.co/...``), by a Hugging Face
+model directory (``config.json``, tokenizer and safetensors weights: served by vLLM), or, for embedding and ranking
+models, by a sentence-transformers directory. Paths, directories and Hub files have no manifest: one is synthesized
+from what the file says (the GGUF header: architecture, context length, chat template; a directory's config.json).
 
 :func:`lookup` finds or synthesizes the manifest once; :func:`resolve` picks the profile and verifies the artifact.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Mapping
@@ -121,7 +123,8 @@ def synthesize_manifest(
 
 
 def _gguf_manifest(model: str) -> Manifest:
-    """A manifest synthesized for a GGUF path or Hub file. Raises ``ArtifactError``."""
+    """A manifest synthesized for a GGUF path, a Hub file or a Hugging Face model directory. Raises
+    ``ArtifactError``."""
     hub = parse_hf_spec(model)
     if hub is not None:
         # A Hub file's header is read after download, so its plan says ``chat`` until then.
@@ -129,6 +132,8 @@ def _gguf_manifest(model: str) -> Manifest:
     path = Path(model).expanduser()
     if not path.exists():
         raise ArtifactError(f"model file not found: {path} (and `{model}` is not a catalog model name)")
+    if path.is_dir():
+        return hf_text_manifest(path)
     if not path.is_file() or not os.access(path, os.R_OK):
         raise ArtifactError(f"model file is not a readable file: {path}")
     with path.open("rb") as handle:
@@ -136,6 +141,64 @@ def _gguf_manifest(model: str) -> Manifest:
             raise ArtifactError(f"not a GGUF file: {path}")
     source = LocalSource(kind="local", path=str(path))
     return synthesize_manifest(path.stem, source, read_header(path), path.stat().st_size)
+
+
+def hf_text_manifest(path: Path) -> Manifest:
+    """A manifest for a Hugging Face text-generation directory (``config.json``, a tokenizer, ``*.safetensors``), with
+    two vLLM profiles: on an NVIDIA GPU, and on vLLM's CPU build (the only engine here that reads such a directory).
+    Raises ``ArtifactError`` naming what is missing."""
+    if not (path / "config.json").is_file():
+        raise ArtifactError(f"{path} is a directory without config.json: not a Hugging Face model directory")
+    if not any(path.glob("*.safetensors")):
+        raise ArtifactError(f"{path} has no *.safetensors weights")
+    if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        raise ArtifactError(f"{path} has no tokenizer (tokenizer.json or tokenizer.model)")
+    try:
+        config = json.loads((path / "config.json").read_text())
+        tokenizer_config = _json_or_empty(path / "tokenizer_config.json")
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"{path}: unreadable config.json or tokenizer_config.json: {exc}") from exc
+    if not isinstance(config, dict):
+        raise ArtifactError(f"{path}/config.json is not a JSON object")
+    has_template = bool(tokenizer_config.get("chat_template")) or (path / "chat_template.jinja").is_file()
+    task: Task = "chat" if has_template else "completion"
+    context = config.get("max_position_embeddings")
+    # Weights plus a fifth for activations, before the KV cache (vLLM sizes that from what is left).
+    need_mb = _directory_size(path) * 6 // 5 >> 20
+    source = LocalSource(kind="local", path=str(path))
+    return Manifest(
+        id=path.resolve().name,
+        task=task,
+        license="unknown",
+        description=f"local:{path} (no catalog manifest; a Hugging Face model directory)",
+        context_length=context if isinstance(context, int) and context > 0 else None,
+        architecture=str(config.get("model_type") or "") or None,
+        profiles=[
+            Profile(
+                id="vllm-nvidia",
+                engine="vllm",
+                device="nvidia",
+                format="safetensors",
+                min_memory_mb=need_mb,
+                source=source,
+            ),
+            Profile(
+                id="vllm-cpu",
+                engine="vllm",
+                device="cpu",
+                format="safetensors",
+                min_memory_mb=need_mb,
+                source=source,
+            ),
+        ],
+    )
+
+
+def _json_or_empty(path: Path) -> dict[str, object]:
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text())
+    return data if isinstance(data, dict) else {}
 
 
 def _encoder_manifest(model: str, task: Task) -> Manifest:
