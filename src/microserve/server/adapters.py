@@ -3,7 +3,8 @@
 At start, and every ``lora_refresh_interval`` seconds when that is set, the adapter directory is scanned: a new
 sub-directory becomes a served adapter, a removed one is retired, a changed one is loaded again. Each adapter is
 checked against the base models that take adapters (architecture, tensor shapes, the base its config names), made
-ready by the catalog (a PEFT adapter converted to a GGUF LoRA once), registered with the base model's engine and
+ready by the catalog (for llama.cpp a PEFT adapter is converted to a GGUF LoRA once; vLLM loads the PEFT directory as
+it is and checks its tensors itself), registered with the base model's engine and
 added to the model table, where requests find it by ``model``. It shares the base model's engine, slots and queue.
 A bad adapter is refused with its reason, logged once, and the others keep serving.
 """
@@ -15,7 +16,15 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from microserve.catalog.adapters import AdapterSource, PreparedAdapter, find_adapter, fingerprint, prepare, scan
+from microserve.catalog.adapters import (
+    AdapterSource,
+    PreparedAdapter,
+    find_adapter,
+    fingerprint,
+    prepare,
+    prepare_peft,
+    scan,
+)
 from microserve.catalog.manifest import catalog
 from microserve.catalog.peft_gguf import AdapterError, AdapterMissing, AdapterOutside
 from microserve.catalog.plan import ServicePlan
@@ -47,6 +56,14 @@ class ServedAdapter:
         return self.prepared.name
 
 
+def takes_adapters(model: ResolvedModel, settings: Settings) -> bool:
+    """Whether ``model`` serves adapters: on llama.cpp always (an adapter costs nothing until used); on vLLM only
+    where an adapter directory is set, since vLLM reserves its LoRA slots at start and LoRA costs every step there
+    (as vLLM's own server serves adapters only with --enable-lora)."""
+    lora = engine_spec(model.engine).lora
+    return lora == "gguf" or (lora == "peft" and settings.lora_dir is not None)
+
+
 class AdapterManager:
     """Finds, checks, serves and retires the adapters of one app; every change goes through one lock."""
 
@@ -57,7 +74,7 @@ class AdapterManager:
         self._models = models
         self._view = view
         self._bases: list[ResolvedModel] = [
-            m for m in plan.models if engine_spec(m.engine).lora == "gguf" and m.task in ("chat", "completion")
+            m for m in plan.models if takes_adapters(m, settings) and m.task in ("chat", "completion")
         ]
         everything = catalog(settings.catalog_dir)
         self._names = {m.name: tuple(n for n in (m.name, *m.manifest.names())) for m in self._bases}
@@ -158,20 +175,12 @@ class AdapterManager:
             if parent is None:
                 continue
             try:
-                prepared = await asyncio.to_thread(
-                    prepare,
-                    source,
-                    base.path,
-                    self._cache,
-                    base_names=self._names[base.name],
-                    other_models=self._others[base.name],
-                    max_rank=self._max_rank,
-                )
+                prepared = await asyncio.to_thread(self._prepare, source, base)
             except AdapterError as exc:
                 reasons.append(f"{base.name}: {exc}" if len(self._bases) > 1 else str(exc))
                 continue
             try:
-                await parent.text_engine.load_adapter(source.name, str(prepared.gguf))
+                await parent.text_engine.load_adapter(source.name, str(prepared.path))
             except InvalidRequest as exc:
                 reasons.append(exc.message)
                 continue
@@ -203,6 +212,12 @@ class AdapterManager:
             )
             return served
         raise AdapterError("; ".join(reasons) or "no served model takes adapters")
+
+    def _prepare(self, source: AdapterSource, base: ResolvedModel) -> PreparedAdapter:
+        names, others = self._names[base.name], self._others[base.name]
+        if engine_spec(base.engine).lora == "peft":
+            return prepare_peft(source, base_names=names, other_models=others, max_rank=self._max_rank)
+        return prepare(source, base.path, self._cache, base_names=names, other_models=others, max_rank=self._max_rank)
 
     async def _retire(self, name: str) -> None:
         served = self._served.pop(name)

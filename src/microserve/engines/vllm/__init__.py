@@ -16,6 +16,8 @@ if TYPE_CHECKING:
 
 # Used when neither the settings nor the profile say otherwise.
 DEFAULT_PARALLEL = 64
+# Most distinct adapters vLLM batches together (its max_loras; more are kept loaded and swapped in as needed).
+MAX_BATCH_LORAS = 4
 # The derived weights' dtype by the type a profile names.
 DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 
@@ -36,6 +38,10 @@ def build(target: EngineTarget, settings: Settings) -> TextEngine:
             enforce_eager=settings.vllm_enforce_eager,
             prefix_cache=settings.prefix_cache,
             max_num_batched_tokens=settings.batch_size or target.batch_size,
+            # vLLM reserves LoRA slots at start, and LoRA costs every step: only where adapters were asked for.
+            max_loras=min(settings.max_loras, MAX_BATCH_LORAS) if settings.lora_dir is not None else 0,
+            max_cpu_loras=settings.max_loras,
+            max_lora_rank=settings.max_lora_rank,
         )
     )
 

@@ -60,6 +60,11 @@ class VllmConfig:
     max_num_batched_tokens: int | None = None
     max_logprobs: int = 20
     seed: int = 0
+    # LoRA adapters in one batch (vLLM's max_loras); 0: LoRA off, as vLLM's server without --enable-lora.
+    max_loras: int = 0
+    # Adapters kept loaded in memory (vLLM's max_cpu_loras); others are read again from their path when asked for.
+    max_cpu_loras: int = 0
+    max_lora_rank: int = 16
 
 
 class VllmEngine:
@@ -78,6 +83,11 @@ class VllmEngine:
         self._ready = False
         self._add_bos = False
         self._checked: set[str] = set()
+        # LoRA adapters by served name; requests in flight per adapter id; ids to drop once their last one ends.
+        self._loras: dict[str, Any] = {}
+        self._lora_ids = 0
+        self._lora_running: dict[int, int] = {}
+        self._lora_retired: set[int] = set()
 
     # -- lifecycle --------------------------------------------------------------------------------------------
 
@@ -121,6 +131,13 @@ class VllmEngine:
             disable_log_stats=True,
             enable_log_requests=False,
         )
+        if cfg.max_loras > 0:
+            kwargs.update(
+                enable_lora=True,
+                max_loras=cfg.max_loras,
+                max_cpu_loras=max(cfg.max_cpu_loras, cfg.max_loras),
+                max_lora_rank=lora_rank_slot(cfg.max_lora_rank),
+            )
         return AsyncEngineArgs(**kwargs)
 
     def _build(self) -> Any:
@@ -271,15 +288,46 @@ class VllmEngine:
         self._checked.add(key)
 
     async def load_adapter(self, name: str, path: str) -> None:
-        """LoRA adapters are not served by this engine yet: a clear 400 rather than the base model's answers."""
-        raise InvalidRequest(
-            f"the vllm engine of {self.config.model_id} serves no LoRA adapters (adapter `{name}`)",
-            param="lora_path",
-            code="invalid_adapter",
-        )
+        """Load the PEFT adapter directory ``path`` into vLLM as ``name`` (vLLM checks its modules and shapes
+        against the model); a 400 naming vLLM's reason when it cannot be applied. A name loaded again takes the new
+        files under a new id, so that vLLM does not keep serving the old weights it cached."""
+        from vllm.lora.request import LoRARequest
+
+        llm = self._llm
+        if llm is None or self.config.max_loras <= 0:
+            raise InvalidRequest(
+                f"the vllm engine of {self.config.model_id} was started without LoRA adapters "
+                "(set --lora-dir to serve them)",
+                param="lora_path",
+                code="invalid_adapter",
+            )
+        self._lora_ids += 1
+        lora = LoRARequest(lora_name=name, lora_int_id=self._lora_ids, lora_path=path)
+        try:
+            await llm.add_lora(lora)
+        except Exception as exc:  # vLLM raises plain ValueErrors and its own errors for a bad adapter
+            raise InvalidRequest(
+                f"vLLM cannot apply the adapter `{name}`: {type(exc).__name__}: {exc}",
+                param="lora_path",
+                code="invalid_adapter",
+            ) from exc
+        old = self._loras.get(name)
+        self._loras[name] = lora
+        if old is not None:
+            await self._retire_lora(old.lora_int_id)
 
     async def unload_adapter(self, name: str) -> None:
-        """Nothing to forget: no adapter is ever loaded."""
+        """Forget the adapter ``name``: new requests no longer find it; vLLM drops its weights once the requests
+        running on it finish."""
+        lora = self._loras.pop(name, None)
+        if lora is not None:
+            await self._retire_lora(lora.lora_int_id)
+
+    async def _retire_lora(self, lora_id: int) -> None:
+        if self._lora_running.get(lora_id):
+            self._lora_retired.add(lora_id)
+        elif self._llm is not None:
+            await self._llm.remove_lora(lora_id)
 
     def check_request(self, request: GenerationRequest) -> None:
         """400s for what this engine cannot serve, raised while the request is prepared (before any stream)."""
@@ -289,7 +337,7 @@ class VllmEngine:
             context_length=self.info.context_length,
             max_tokens=request.params.max_tokens,
         )
-        if request.adapter is not None:
+        if request.adapter is not None and request.adapter not in self._loras:
             raise InvalidRequest(
                 f"the adapter `{request.adapter}` is not loaded", param="model", code="model_not_found"
             )
@@ -352,7 +400,13 @@ class VllmEngine:
         n = params.n
         choices = [_Choice(self._bytes, request.logprobs or 0) for _ in range(n)]
         # vLLM wants request ids unique among running requests; a client's id may repeat, so it is suffixed.
-        stream = llm.generate(tokens_input(prompt), params, f"{request.request_id or 'req'}-{uuid.uuid4().hex}")
+        lora = self._loras.get(request.adapter) if request.adapter is not None else None
+        lora_id = lora.lora_int_id if lora is not None else None
+        if lora_id is not None:
+            self._lora_running[lora_id] = self._lora_running.get(lora_id, 0) + 1
+        stream = llm.generate(
+            tokens_input(prompt), params, f"{request.request_id or 'req'}-{uuid.uuid4().hex}", lora_request=lora
+        )
         scored = request.prompt_logprobs is not None
         try:
             async for out in stream:
@@ -386,6 +440,18 @@ class VllmEngine:
         finally:
             # Closing vLLM's generator aborts whatever is still running (a client that went away).
             await stream.aclose()
+            if lora_id is not None:
+                await self._lora_done(lora_id)
+
+    async def _lora_done(self, lora_id: int) -> None:
+        left = self._lora_running.get(lora_id, 1) - 1
+        if left > 0:
+            self._lora_running[lora_id] = left
+            return
+        self._lora_running.pop(lora_id, None)
+        if lora_id in self._lora_retired and self._llm is not None:
+            self._lora_retired.discard(lora_id)
+            await self._llm.remove_lora(lora_id)
 
     def _prompt_logprobs(
         self, prompt: list[int], rows: Sequence[Mapping[int, Any] | None] | None, top: int | None
@@ -399,6 +465,15 @@ class VllmEngine:
             row = rows[i] if i < len(rows) else None
             entries.append(_token_logprob(token_bytes, token, row, top or 0))
         return entries
+
+
+# vLLM sizes its LoRA slots by one of these ranks.
+_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def lora_rank_slot(rank: int) -> int:
+    """The smallest LoRA slot rank vLLM accepts that holds adapters of ``rank``."""
+    return next((r for r in _LORA_RANKS if r >= rank), rank)
 
 
 def _added_tokens(tokenizer: Any) -> list[str]:
