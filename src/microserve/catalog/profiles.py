@@ -63,7 +63,7 @@ def check_profile(profile: Profile, hardware: Hardware) -> ProfileCheck:
     missing = [flag for flag in profile.cpu_flags if flag not in hardware.cpu_flags]
     if missing:
         reasons.append(f"CPU lacks {', '.join(missing)}")
-    unavailable = engine_spec(profile.engine).unavailable()
+    unavailable = engine_spec(profile.engine).unavailable_on(profile.device)
     if unavailable is not None:
         reasons.append(unavailable)
     return ProfileCheck(profile, tuple(reasons))

