@@ -36,14 +36,17 @@ def test_prompt_only_steps_give_a_first_estimate() -> None:
     assert budget.chunk() == 20
 
 
-def test_the_budget_widens_with_the_prompts_waiting_per_running_stream() -> None:
+def test_a_burst_of_waiting_prompts_is_prefilled_at_full_width() -> None:
     budget = PrefillBudget(256)
     for _ in range(20):
         budget.observe(decode_tokens=4, prompt_tokens=0, seconds=0.010)
         budget.observe(decode_tokens=4, prompt_tokens=40, seconds=0.030)  # 0.5 ms a prompt token
     steady = budget.chunk(waiting=1, decoding=15)
-    assert 18 <= steady <= 22 and budget.chunk(waiting=4, decoding=4) == steady
-    # A burst: 12 prompts wait behind 2 running streams, so their first tokens matter more than 2 streams' pace.
-    assert 6 * 18 <= budget.chunk(waiting=12, decoding=2) <= 6 * 22
+    assert 18 <= steady <= 22 and budget.chunk(waiting=1, decoding=1) == steady
+    # Fewer prompts waiting than streams running: the running streams' pace is kept.
+    assert budget.chunk(waiting=7, decoding=8) == steady
+    # A burst: as many prompts wait as streams run, or more; their first tokens matter more than the streams' pace.
+    assert budget.chunk(waiting=4, decoding=4) == 256
+    assert budget.chunk(waiting=12, decoding=2) == 256
     assert budget.chunk(waiting=15, decoding=1) == 256
     assert PrefillBudget(256).chunk(waiting=8, decoding=1) == 256  # before any measurement too
