@@ -43,9 +43,8 @@ def test_a_burst_of_waiting_prompts_is_prefilled_at_full_width() -> None:
         budget.observe(decode_tokens=4, prompt_tokens=40, seconds=0.030)  # 0.5 ms a prompt token
     steady = budget.chunk(waiting=1, decoding=15)
     assert 18 <= steady <= 22 and budget.chunk(waiting=1, decoding=1) == steady
-    # Fewer prompts waiting than streams running: the running streams' pace is kept.
-    assert budget.chunk(waiting=7, decoding=8) == steady
-    # A burst: as many prompts wait as streams run, or more; their first tokens matter more than the streams' pace.
+    # A burst: two or more prompts wait; their first tokens matter more than the streams' pace.
+    assert budget.chunk(waiting=2, decoding=15) == 256
     assert budget.chunk(waiting=4, decoding=4) == 256
     assert budget.chunk(waiting=12, decoding=2) == 256
     assert budget.chunk(waiting=15, decoding=1) == 256

@@ -151,13 +151,13 @@ class PrefillBudget:
         """Prompt tokens allowed in the next step that also carries decode tokens, while ``waiting`` prompts wait
         for their first token and ``decoding`` streams run.
 
-        While fewer prompts wait than streams run, the step is held to ``factor`` decode steps: a long new prompt
-        then costs the running streams a little latency on many steps instead of one long stall. Once a burst
-        leaves at least as many requests waiting for a first token as there are streams (two or more), their wait
-        costs more than the streams' slower steps, and the step takes prompt tokens up to the batch width, as
-        llama-server's scheduler does. Prefilling a burst first also ends it sooner: its streams then decode
-        together, instead of the last prompts' streams decoding alone at the end."""
-        if waiting >= 2 and waiting >= decoding:
+        With one prompt waiting, the step is held to ``factor`` decode steps: a long new prompt then costs the
+        running streams a little latency on many steps instead of one long stall. With two or more waiting (a
+        burst), their wait costs more than the streams' slower steps, and the step takes prompt tokens up to the
+        batch width, as llama-server's scheduler always does: the burst's last prompts are not trickled in behind
+        the streams that got there first, and the burst ends sooner, its streams decoding together instead of the
+        last prompts' streams decoding alone at the end."""
+        if waiting >= 2:
             return self.batch_size
         if self.decode_s is None or not self.token_s:
             return min(self.first_guess, self.batch_size)
@@ -504,8 +504,8 @@ class Scheduler:
                 add(seq, seq.next_token, True)
         # Then prompt chunks, oldest first, within what is left of the step's token budget. While streams are
         # decoding, the prompt share of a step is capped: a long prompt then costs running streams a little
-        # latency on many steps instead of one long stall; once as many prompts wait as streams run (a burst), and
-        # with nothing decoding, prefill runs at full width (PrefillBudget.chunk).
+        # latency on many steps instead of one long stall; with two or more prompts waiting (a burst), and with
+        # nothing decoding, prefill runs at full width (PrefillBudget.chunk).
         decoding = n
         if n == 0:
             limit = self._batch_size
