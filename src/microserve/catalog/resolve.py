@@ -166,6 +166,7 @@ def hf_text_manifest(path: Path) -> Manifest:
     # Weights plus a fifth for activations, before the KV cache (vLLM sizes that from what is left).
     need_mb = _directory_size(path) * 6 // 5 >> 20
     source = LocalSource(kind="local", path=str(path))
+    engine = default_engine(task, "safetensors")  # the engine that reads Hugging Face text weights
     return Manifest(
         id=path.resolve().name,
         task=task,
@@ -175,16 +176,16 @@ def hf_text_manifest(path: Path) -> Manifest:
         architecture=str(config.get("model_type") or "") or None,
         profiles=[
             Profile(
-                id="vllm-nvidia",
-                engine="vllm",
+                id=f"{engine}-nvidia",
+                engine=engine,
                 device="nvidia",
                 format="safetensors",
                 min_memory_mb=need_mb,
                 source=source,
             ),
             Profile(
-                id="vllm-cpu",
-                engine="vllm",
+                id=f"{engine}-cpu",
+                engine=engine,
                 device="cpu",
                 format="safetensors",
                 min_memory_mb=need_mb,
