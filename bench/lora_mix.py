@@ -2,12 +2,15 @@
 three LoRA adapters, on one server, taking turns.
 
 llama.cpp applies adapters to its whole context, so sequences of different adapter sets cannot share a decode:
-the scheduler runs one set per step, the sets with work taking turns. This prints the mixed throughput as a ratio
-of the base-only one (goal: at least 0.7) and how many decode steps a set with work waited for its turn, counted
-by the engine itself (``lora_turn_wait_steps``: the 90th percentile and the most; goal: at most 3 with four
-sets), and, as a check from the client's side, each set's inter-token gaps over the mean step time.
+the scheduler runs one set per step, the sets with work taking turns. vLLM (``--engine vllm``: the vllm-cpu-f32
+profile, PEFT adapters) batches sequences of different adapters into one step. This prints the mixed throughput as
+a ratio of the base-only one (goal: at least 0.7) and how many decode steps a set with work waited for its turn,
+counted by the engine itself (``lora_turn_wait_steps``: the 90th percentile and the most; goal: at most 3 with four
+sets; vLLM has no turns), and, as a check from the client's side, each set's inter-token gaps over the mean step
+time.
 
     .venv/bin/python bench/lora_mix.py --model smollm2-135m-instruct --repeats 3
+    .venv-vllm/bin/python bench/lora_mix.py --engine vllm --repeats 3
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "e2e"))
 
-from tiny_lora import write_gguf_lora
+from tiny_lora import base_path, write_gguf_lora, write_peft_lora
 
 from loadgen import free_port, percentile, start_server, stop_server
 
@@ -71,7 +74,9 @@ async def turn_waits(client: httpx.AsyncClient, model: str) -> list[float]:
 
 def wait_quantiles(before: list[float], after: list[float]) -> tuple[float, float]:
     """The 90th percentile and the largest wait (in steps) of the turns between two readings."""
-    counts = [a - b for a, b in zip(after, before, strict=True)]
+    if not after:
+        return 0.0, 0.0  # no turns: every adapter set decodes in every step
+    counts = [a - b for a, b in zip(after, before or [0.0] * len(after), strict=True)]
     per_bucket = [counts[0], *(b - a for a, b in itertools.pairwise(counts))]
     total = sum(per_bucket)
     if not total:
@@ -121,16 +126,28 @@ async def run(url: str, base: str, models: list[str], concurrency: int, requests
 async def main(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         lora_dir = Path(tmp) / "loras"
+        vllm = args.engine == "vllm"
         for seed, name in enumerate(ADAPTERS):
-            write_gguf_lora(lora_dir / name, seed=seed)
+            if vllm:
+                # vLLM reads PEFT directories; shapes from the packaged Q4_1 GGUF, which needs no derivation.
+                write_peft_lora(lora_dir / name, seed=seed, base=base_path(args.model, "llamacpp-cpu-q4_1"))
+            else:
+                write_gguf_lora(lora_dir / name, seed=seed)
         port = free_port()
         cmd = [
-            str(REPO / ".venv" / "bin" / "python"), "-m", "microserve", "serve", "--model", args.model,
+            sys.executable, "-m", "microserve", "serve", "--model", args.model,
             "--port", str(port), "--parallel", str(args.concurrency), "--lora-dir", str(lora_dir),
             "--embedding-model", "none", "--threads", str(args.threads),
         ]  # fmt: skip
+        if vllm:
+            # The limits of bench/vs_vllm.py: eager (torch.compile takes minutes on two cores), 1 GiB of KV.
+            cmd += ["--vllm-enforce-eager", "--vllm-kv-cache-mb", "1024", "--context-length", "2048"]
+        env = {"MICROSERVE_PROFILE": "vllm-cpu-f32"} if vllm else {}
         url = f"http://127.0.0.1:{port}"
-        server = start_server("microserve", cmd, url, f"{url}/v1/health/ready", log_path=Path(tmp) / "server.log")
+        server = start_server(
+            "microserve", cmd, url, f"{url}/v1/health/ready", log_path=Path(tmp) / "server.log",
+            env=env, timeout_s=900 if vllm else 180,
+        )  # fmt: skip
         try:
             base_only = [args.model]
             mixed = [args.model, *ADAPTERS]
@@ -147,7 +164,10 @@ async def main(args: argparse.Namespace) -> int:
     worst = max(statistics.median(r["wait_p90_steps"][m] for r in rows["mixed"]) for m in (args.model, *ADAPTERS))
     p90_turn = max(r["turn_wait_p90"] for r in rows["mixed"])
     max_turn = max(r["turn_wait_max"] for r in rows["mixed"])
-    print(f"model {args.model}, c={args.concurrency}, {args.requests} requests x {args.tokens} tokens per run")
+    print(
+        f"model {args.model} on {args.engine}, c={args.concurrency}, "
+        f"{args.requests} requests x {args.tokens} tokens per run"
+    )
     print("| load | tok/s | step ms | turn wait p90 / max (steps, engine) | gap p90 of the least-served set (steps) |")
     print("|---|---|---|---|---|")
     base_step = statistics.median(r["step_ms"] for r in rows["base"])
@@ -163,13 +183,14 @@ async def main(args: argparse.Namespace) -> int:
         f"(goal <= 3); from the client's gaps over the mean step, p90 {worst:.2f}"
     )
     (REPO / "bench" / "out").mkdir(parents=True, exist_ok=True)
-    (REPO / "bench" / "out" / "lora_mix.json").write_text(json.dumps(rows, indent=2))
+    (REPO / "bench" / "out" / f"lora_mix_{args.engine}.json").write_text(json.dumps(rows, indent=2))
     return 0 if ratio >= 0.7 and max_turn <= 3 else 1
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--engine", choices=("llamacpp", "vllm"), default="llamacpp")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=64)

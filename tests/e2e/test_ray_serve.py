@@ -194,7 +194,9 @@ def test_conversations_stay_on_their_replica_and_reuse_the_cache(deployment: Dep
     cached = [n for _, turns in results for n in turns]
     assert all(len(h) == 1 for h in homes), homes
     assert len(set.union(*homes)) == 2, homes
-    assert sum(n > 0 for n in cached) >= 0.9 * len(cached), cached
+    # Measured 14-16 of 16: a later turn can miss when another request took its cached slot in the meantime; a
+    # router that ignored the conversation would send about half the turns to the replica without its prefix.
+    assert sum(n > 0 for n in cached) >= 0.75 * len(cached), cached
     per_replica = {r: sum(r in h for h in homes) for r in set.union(*homes)}
     print(f"later turns with cached tokens: {sum(n > 0 for n in cached)}/{len(cached)}; conversations {per_replica}")
 
