@@ -101,6 +101,14 @@ class Settings(BaseSettings):
         "engine sizes it from measured step times so that such a step takes at most about twice a decode-only "
         "step, which bounds the latency a long new prompt adds to running streams.",
     )
+    prefill_step_factor: float = Field(
+        2.0,
+        ge=1.1,
+        le=100.0,
+        description="How long a decode step carrying a lone new prompt's tokens may take, in decode-only steps, "
+        "when --prefill-chunk is unset. Higher admits prompts sooner and raises throughput under many mid-sized "
+        "prompts, at the cost of longer gaps in running streams while a prompt is prefilled.",
+    )
     prefix_cache: bool = Field(
         True, description="Reuse the KV cells of earlier requests that share a prompt prefix (cached_tokens)."
     )

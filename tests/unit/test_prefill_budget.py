@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from microserve.engines.llamacpp import build
 from microserve.engines.llamacpp.scheduler import PrefillBudget
+from microserve.engines.registry import EngineTarget
+from microserve.settings import Settings
 
 
 def test_first_guess_before_any_measurement() -> None:
@@ -16,6 +21,22 @@ def test_budget_keeps_a_mixed_step_within_twice_a_decode_step() -> None:
         budget.observe(decode_tokens=4, prompt_tokens=0, seconds=0.010)
         budget.observe(decode_tokens=4, prompt_tokens=40, seconds=0.030)  # 0.5 ms a prompt token
     assert 18 <= budget.chunk() <= 22  # 10 ms of headroom / 0.5 ms a token
+
+
+def test_a_larger_step_factor_admits_more_prompt_tokens_a_step() -> None:
+    budgets = {factor: PrefillBudget(512, factor=factor) for factor in (2.0, 6.0)}
+    for budget in budgets.values():
+        for _ in range(20):
+            budget.observe(decode_tokens=4, prompt_tokens=0, seconds=0.010)
+            budget.observe(decode_tokens=4, prompt_tokens=40, seconds=0.030)
+    assert 18 <= budgets[2.0].chunk() <= 22
+    assert 90 <= budgets[6.0].chunk() <= 110  # 50 ms of headroom / 0.5 ms a token
+
+
+def test_the_step_factor_setting_reaches_the_engine(tmp_path: Path) -> None:
+    target = EngineTarget(engine="llamacpp", name="m", path=tmp_path / "m.gguf", task="text")
+    assert build(target, Settings()).config.prefill_step_factor == 2.0
+    assert build(target, Settings(prefill_step_factor=6.0)).config.prefill_step_factor == 6.0
 
 
 def test_fast_prompt_tokens_fill_the_batch_and_slow_ones_keep_a_floor() -> None:

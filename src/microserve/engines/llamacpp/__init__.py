@@ -37,6 +37,7 @@ def build(target: EngineTarget, settings: Settings) -> TextEngine:
             adaptive_threads=adaptive,
             batch_size=settings.batch_size or target.batch_size or DEFAULT_BATCH_SIZE,
             prefill_chunk=settings.prefill_chunk,
+            prefill_step_factor=settings.prefill_step_factor,
             prefix_cache=settings.prefix_cache,
             max_loras=settings.max_loras,
         )

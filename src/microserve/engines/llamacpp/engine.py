@@ -64,6 +64,8 @@ class LlamaCppConfig:
     adaptive_threads: bool = False
     batch_size: int = 256
     prefill_chunk: int | None = None
+    # A step carrying a lone new prompt's tokens takes at most this many decode-only steps (prefill_chunk unset).
+    prefill_step_factor: float = 2.0
     prefix_cache: bool = True
     # LoRA adapters kept loaded at once; more may be registered, loaded on demand.
     max_loras: int = 16
@@ -200,6 +202,7 @@ class LlamaCppEngine:
             n_ctx_seq=n_ctx_seq,
             batch_size=cfg.batch_size,
             prefill_chunk=cfg.prefill_chunk,
+            prefill_step_factor=cfg.prefill_step_factor,
             prefix_cache=cfg.prefix_cache,
             sampler_factory=partial(self._sampler_for, penalty_window=n_ctx_seq),
             eog_ids=self._eog,

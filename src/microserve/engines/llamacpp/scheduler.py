@@ -201,6 +201,7 @@ class Scheduler:
         n_ctx_seq: int,
         batch_size: int,
         prefill_chunk: int | None = None,
+        prefill_step_factor: float = 2.0,
         prefix_cache: bool = True,
         sampler_factory: Callable[[Sequence], RowSampler | SequenceSampler],
         eog_ids: frozenset[int],
@@ -212,7 +213,7 @@ class Scheduler:
         self._n_ctx_seq = n_ctx_seq
         self._batch_size = batch_size
         self._prefill_chunk = min(prefill_chunk, batch_size) if prefill_chunk else None
-        self._budget = PrefillBudget(batch_size)
+        self._budget = PrefillBudget(batch_size, factor=prefill_step_factor)
         self._prefix_cache = prefix_cache
         self._batch = L.llama_batch_init(batch_size, 0, 1)
         self._make_sampler = sampler_factory
