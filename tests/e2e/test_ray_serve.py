@@ -140,7 +140,11 @@ def test_chat_streaming_and_embeddings_through_the_proxy(deployment: Deployment)
     )
     pieces = [c.choices[0].delta.content or "" for c in chunks if c.choices]
     assert len(pieces) > 3 and "".join(pieces)
-    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 12
+    # Sampled without a seed, the reply may end before max_tokens; the usage counts what was generated either way.
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert chunks[-1].usage is not None and finish in (["length"], ["stop"])
+    generated = chunks[-1].usage.completion_tokens
+    assert generated == 12 if finish == ["length"] else 0 < generated <= 12
     embedding = client.embeddings.create(model="all-minilm-l6-v2", input=["a lighthouse", "a harbour"])
     assert len(embedding.data) == 2 and len(embedding.data[0].embedding) == 384
     assert MODEL in {m.id for m in client.models.list()}
