@@ -21,6 +21,7 @@ import itertools
 import json
 import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +39,13 @@ from loadgen import free_port, percentile, start_server, stop_server
 
 REPO = Path(__file__).resolve().parent.parent
 ADAPTERS = ("lora-a", "lora-b", "lora-c")
+SHAPES_PROFILE = "llamacpp-cpu-q4_1"  # the packaged GGUF, which needs no derivation: the PEFT adapters' shapes
+
+
+def place_shapes(model: str) -> None:
+    """Put the GGUF the PEFT adapters take their shapes from in the model cache, if it is not there yet."""
+    if not base_path(model, SHAPES_PROFILE).is_file():
+        subprocess.run([sys.executable, "-m", "microserve", "pull", model, "--profile", SHAPES_PROFILE], check=True)
 
 
 async def stream(client: httpx.AsyncClient, model: str, prompt: str, tokens: int) -> tuple[str, list[float], int]:
@@ -127,10 +135,11 @@ async def main(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         lora_dir = Path(tmp) / "loras"
         vllm = args.engine == "vllm"
+        shapes = base_path(args.model, SHAPES_PROFILE)
         for seed, name in enumerate(ADAPTERS):
             if vllm:
-                # vLLM reads PEFT directories; shapes from the packaged Q4_1 GGUF, which needs no derivation.
-                write_peft_lora(lora_dir / name, seed=seed, base=base_path(args.model, "llamacpp-cpu-q4_1"))
+                # vLLM reads PEFT directories, with the shapes of the base model.
+                write_peft_lora(lora_dir / name, seed=seed, base=shapes)
             else:
                 write_gguf_lora(lora_dir / name, seed=seed)
         port = free_port()
@@ -196,4 +205,7 @@ if __name__ == "__main__":
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
-    raise SystemExit(asyncio.run(main(parser.parse_args())))
+    parsed = parser.parse_args()
+    if parsed.engine == "vllm":
+        place_shapes(parsed.model)
+    raise SystemExit(asyncio.run(main(parsed)))
