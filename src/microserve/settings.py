@@ -98,8 +98,9 @@ class Settings(BaseSettings):
         None,
         ge=1,
         description="Most prompt tokens per decode step while other sequences are generating. Unset, the "
-        "engine sizes it from measured step times so that such a step takes at most about twice a decode-only "
-        "step, which bounds the latency a long new prompt adds to running streams.",
+        "engine sizes it from measured step times so that such a step takes at most about "
+        "--prefill-step-factor decode-only steps (twice by default), which bounds the latency a long new "
+        "prompt adds to running streams.",
     )
     prefill_step_factor: float = Field(
         2.0,
