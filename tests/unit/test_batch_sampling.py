@@ -154,16 +154,17 @@ CASES = {
 }
 
 
-# A narrow head puts most of the mass in the tail: the paths that bound it, and compute it when the bound does not
-# decide, then run on most draws instead of almost never.
-NARROW = ["temperature 1.3", "top_p 0.95", "penalties and bias"]
+# A narrow head puts most of the mass outside it: the paths that widen it (top-k, top-p) and that bound the tail
+# and compute it when the bound does not decide (temperature alone) then run on most draws instead of almost never.
+NARROW = ["temperature 1.3", "top_p 0.95", "llama-server's chain", "penalties and bias"]
 
 
 @pytest.mark.parametrize(
-    ("name", "width"), [(name, batch_sampling._TAIL_WIDTH) for name in CASES] + [(name, 2.0) for name in NARROW]
+    ("name", "width"), [(name, batch_sampling._HEAD_WIDTH) for name in CASES] + [(name, 0.5) for name in NARROW]
 )
 def test_draws_follow_llama_cpps_distribution(name: str, width: float, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(batch_sampling, "_TAIL_WIDTH", width)
+    monkeypatch.setattr(batch_sampling, "_HEAD_WIDTH", width)
+    monkeypatch.setattr(batch_sampling, "_DRAW_WIDTH", 2 * width)
     monkeypatch.setattr(batch_sampling, "_BLOCK", 1024)  # the tail's draw then has whole blocks and a partial one
     params = CASES[name]
     history = HISTORY if name == "penalties and bias" else ()

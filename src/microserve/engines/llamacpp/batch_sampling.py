@@ -17,9 +17,10 @@ What each stage does, in llama.cpp's chain order (the order llama-server uses), 
    sequence's own generator.
 
 Nothing is approximated: top-k and top-p start from the tokens above a threshold and widen it until the kept set is
-provably inside (top-p needs the full softmax normaliser, one pass of ``exp``); sampling the whole vocabulary
-(temperature alone) sums block by block and searches only the block the uniform lands in. Probabilities are
-computed in float32 and accumulated in float64, as precise as llama.cpp's own sampler.
+provably inside, and sort only the few tokens where the cut falls (top-p needs the full softmax normaliser, one
+pass of ``exp``); sampling the whole vocabulary (temperature alone) weighs the head first, computes the tail's mass
+only when its bound does not decide, and then sums block by block and searches only the block the uniform lands
+in. Probabilities are computed in float32 and accumulated in float64, as precise as llama.cpp's own sampler.
 
 Each sequence owns a generator seeded from the request's seed and its choice index, and draws exactly one uniform
 per sampled token, so a seeded request gives the same tokens whatever else runs in the batch.
@@ -37,9 +38,14 @@ import numpy as np
 from microserve.engines.base import SamplingParams
 
 _BLOCK = 4096  # a draw from the tail sums blocks of this many probabilities, then searches one block
-_TAIL_WIDTH = 20.0  # the head: tokens within this many nats of the highest (tempered) logit; each beyond weighs
-#                     less than e^-20 of the highest, and their total is bounded before it is ever computed
-_FIRST_WIDTH = 6.0  # the top-p cut is first looked for among the tokens this close to the highest logit
+_DRAW_WIDTH = 16.0  # a draw from the whole vocabulary weighs the tokens within this many tempered nats of the
+#                     highest first; each beyond weighs less than e^-16 of the highest, their total is bounded
+_HEAD_WIDTH = 12.0  # top-k and top-p first look among the tokens this close to the highest logit, then twice as far
+#                     (Gemma's and SmolLM2's top-p 0.95 cut lies 4-10 nats down)
+_BAND = 0.5  # top-p weighs the gathered tokens in bands of this many nats; only the band of the cut is sorted
+_MAX_BANDS = 64  # the last band holds everything further down
+_ALL = 1e3  # a width past which every finite logit is in
+_RAW_EXP_LOW, _RAW_EXP_HIGH = -20.0, 40.0  # highest logits for which top-p's weights need no shift
 _MASK64 = (1 << 64) - 1
 
 
@@ -166,39 +172,30 @@ class RowSampler:
     def draw(self, row: np.ndarray, top: float, scratch: np.ndarray) -> int | None:
         """A sampled token from the shaped ``row`` whose highest logit is ``top``; None when that is -inf.
 
-        Two uniforms per token, always: one chooses between the head and the tail of the distribution, one the
-        token within the part chosen. ``scratch`` is a float32 buffer of the row's length the draw may overwrite.
+        One uniform per token, always. ``scratch`` is a float32 buffer of the row's length the draw may overwrite.
         """
         if not math.isfinite(top):
             return None
-        u_part, u_token = self._rng.random(2)
+        u = float(self._rng.random())
         temperature = self.temperature
-        width = _TAIL_WIDTH * max(1.0, temperature)
-        # The head: every token within ``width`` of the highest logit, with its logit less the highest.
-        ids = np.flatnonzero(row >= np.float32(top - width))
-        values = row[ids] - np.float32(top)
-        truncated = False  # once true, (ids, values) is the kept set, highest first
+        kept: tuple[np.ndarray, np.ndarray] | None = None  # (ids, logits less the highest): the kept set
         if self.top_k:
-            ids, values = _top_k(row, top, self.top_k, ids, values)
-            truncated = True
+            kept = _top_k(row, top, self.top_k)
         if self.top_p < 1.0:
-            if truncated:
-                ids, values = _nucleus_of(ids, values, self.top_p)
-            else:
-                ids, values = _nucleus(row, top, self.top_p, ids, values, width, scratch)
-                truncated = True
+            kept = _nucleus_of(*kept, self.top_p) if kept is not None else _nucleus(row, top, self.top_p, scratch)
         if self._log_min_p is not None:
             # llama.cpp's comparison, in float32: logit >= highest + log(min_p).
             floor = np.float32(top) + self._log_min_p
-            if not truncated and floor < np.float32(top - width):
+            if kept is None:
                 ids = np.flatnonzero(row >= floor)
-                values = row[ids] - np.float32(top)
-            keep = row[ids] >= floor
-            ids, values = ids[keep], values[keep]
-            truncated = True
-        if not truncated:
-            return _draw_all(row, top, temperature, ids, values, width, u_part, u_token, scratch)
-        return int(ids[_inverse_cdf(np.exp(values / np.float32(temperature)), u_token)])
+                kept = ids, row[ids] - np.float32(top)
+            else:
+                keep = row[kept[0]] >= floor
+                kept = kept[0][keep], kept[1][keep]
+        if kept is None:
+            return _draw_all(row, top, temperature, u, scratch)
+        ids, values = kept
+        return int(ids[_inverse_cdf(np.exp(values / np.float32(temperature)), u)])
 
 
 def _inverse_cdf(weights: np.ndarray, u: float) -> int:
@@ -211,19 +208,30 @@ def _inverse_cdf(weights: np.ndarray, u: float) -> int:
     return i
 
 
+def _within(row: np.ndarray, top: float, width: float) -> np.ndarray:
+    """The ids of the tokens whose logit is within ``width`` of the highest (every finite one past _ALL)."""
+    return np.flatnonzero(row >= np.float32(top - width)) if width < _ALL else np.flatnonzero(row > -np.inf)
+
+
 def _sorted(ids: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``ids`` and ``values`` highest value first; ties in token order."""
     order = np.argsort(-values, kind="stable")
     return ids[order], values[order]
 
 
-def _top_k(row: np.ndarray, top: float, k: int, ids: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The ``k`` highest logits, highest first: from the head if it holds that many, else from the whole row."""
-    if len(ids) < k:
-        ids = np.argpartition(row, len(row) - k)[len(row) - k :]
-        ids.sort()
-        values = row[ids] - np.float32(top)
-    elif len(ids) > k:
+def _top_k(row: np.ndarray, top: float, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` highest finite logits, highest first (all finite ones when fewer), less the highest.
+
+    They lie among the tokens within any width that holds ``k`` of them: the narrowest of a doubling series is
+    found first, so the selection runs on a few hundred values rather than the vocabulary."""
+    width = _HEAD_WIDTH
+    while True:
+        ids = _within(row, top, width)
+        if len(ids) >= k or width >= _ALL:
+            break
+        width *= 2.0
+    values = row[ids] - np.float32(top)
+    if len(ids) > k:
         chosen = np.argpartition(values, len(values) - k)[len(values) - k :]
         chosen.sort()
         ids, values = ids[chosen], values[chosen]
@@ -237,110 +245,95 @@ def _nucleus_of(ids: np.ndarray, values: np.ndarray, top_p: float) -> tuple[np.n
     return ids[:n], values[:n]
 
 
-def _tail_mass(row: np.ndarray, top: float, scale: float, head: np.ndarray, scratch: np.ndarray) -> float:
-    """The exact mass ``sum(exp((row - top) * scale))`` of the tokens outside ``head``; leaves their weights in
-    ``scratch`` and zeros at the head."""
+def _nucleus(row: np.ndarray, top: float, top_p: float, scratch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The smallest set of highest-probability tokens whose temperature-1 probability reaches ``top_p``.
+
+    The normaliser is exact: one pass of ``exp`` over the row, into ``scratch`` (on a flat distribution such as
+    Gemma's the excluded 5% reaches tokens e^-9 below the highest, so no bound on the tail decides the cut). The
+    cut is then found without sorting the vocabulary: the tokens within ``width`` of the highest are gathered once
+    (doubling the width until they hold the target mass), their masses summed in bands of ``_BAND`` nats, and only
+    the band the cut falls in is sorted.
+    """
+    if _RAW_EXP_LOW <= top <= _RAW_EXP_HIGH:
+        # Weights relative to e^0 rather than to the highest: the same ratios, one pass less, no overflow (the sum
+        # stays below 262k x e^40) and nothing that matters lost to underflow (below e^-87 against e^-20 or more).
+        np.exp(row, out=scratch)
+        scale = math.exp(top)
+    else:
+        np.subtract(row, np.float32(top), out=scratch)
+        np.exp(scratch, out=scratch)
+        scale = 1.0
+    # float32's pairwise sum: within 1e-6 of the exact normaliser, where the cut moves by a token of weight e^-8.
+    target = top_p * float(scratch.sum()) / scale
+    width = _HEAD_WIDTH
+    while True:
+        ids = _within(row, top, width)
+        weights = scratch[ids] / np.float32(scale) if scale != 1.0 else scratch[ids]
+        if width >= _ALL or float(weights.sum(dtype=np.float64)) >= target:
+            break
+        width *= 2.0
+    values = row[ids] - np.float32(top)
+    # Each gathered token's band, then every band's mass in one pass: the cut lies in the first band at which the
+    # cumulative mass reaches the target; the bands above it are kept whole.
+    bands = np.minimum((values * np.float32(-1.0 / _BAND)).astype(np.int64), _MAX_BANDS - 1)
+    masses = np.cumsum(np.bincount(bands, weights=weights, minlength=_MAX_BANDS), dtype=np.float64)
+    cut = min(int(np.searchsorted(masses, target, side="left")), _MAX_BANDS - 1)
+    above = float(masses[cut - 1]) if cut else 0.0
+    inside = bands < cut
+    band = bands == cut
+    band_ids, band_values, band_weights = ids[band], values[band], weights[band]
+    order = np.argsort(-band_values, kind="stable")
+    cumulative = above + np.cumsum(band_weights[order], dtype=np.float64)
+    n = min(int(np.searchsorted(cumulative, target, side="left")) + 1, len(order))
+    taken = order[:n]
+    return (
+        np.concatenate((ids[inside], band_ids[taken])),
+        np.concatenate((values[inside], band_values[taken])),
+    )
+
+
+def _draw_all(row: np.ndarray, top: float, temperature: float, u: float, scratch: np.ndarray) -> int:
+    """A draw from ``softmax(row / temperature)`` over the whole vocabulary.
+
+    The head (tokens within ``_DRAW_WIDTH`` tempered nats of the highest) is weighed first, and the tail's mass is
+    at most (tail tokens) x e^-_DRAW_WIDTH. When ``u`` falls in the head even at that bound the head decides by
+    itself; otherwise the tail's mass is computed exactly and ``u`` picks the head or the tail by their true
+    masses. A draw from the tail sums blocks of ``_BLOCK`` probabilities, then searches the one it lands in.
+    """
+    width = _DRAW_WIDTH * temperature
+    ids = _within(row, top, width)
+    scale = np.float32(1.0 / temperature)
+    weights = np.exp((row[ids] - np.float32(top)) * scale)
+    head_mass = float(weights.sum(dtype=np.float64))
+    bound = (len(row) - len(ids)) * math.exp(-_DRAW_WIDTH)
+    certain = head_mass / (head_mass + bound)  # the head's share at the tail's largest possible mass
+    if u < certain:
+        return int(ids[_inverse_cdf(weights, u / certain)])
     np.subtract(row, np.float32(top), out=scratch)
-    if scale != 1.0:
-        np.multiply(scratch, np.float32(scale), out=scratch)
+    np.multiply(scratch, scale, out=scratch)
     np.exp(scratch, out=scratch)
-    scratch[head] = 0.0
-    return float(scratch.sum(dtype=np.float64))
-
-
-def _nucleus(
-    row: np.ndarray,
-    top: float,
-    top_p: float,
-    ids: np.ndarray,
-    values: np.ndarray,
-    width: float,
-    scratch: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray]:
-    """The smallest set of highest-probability tokens whose temperature-1 probability reaches ``top_p``, from the
-    head (``ids``, ``values``: every token within ``width`` of the highest logit).
-
-    The normaliser is the head's mass plus the tail's, and the tail's is at most (tail tokens) x exp(-width). When
-    the cut is the same at both ends of that range the tail is never computed; otherwise it is, exactly.
-    """
-    weights = np.exp(values)
-    head_mass = float(weights.sum(dtype=np.float64))
-    bound = (len(row) - len(ids)) * math.exp(-width)
-    low, high = top_p * head_mass, top_p * (head_mass + bound)
-    if head_mass < high:
-        # The nucleus may reach into the tail (a flat distribution): the exact normaliser, then wider candidate
-        # sets until one holds the target mass.
-        target = top_p * (head_mass + _tail_mass(row, top, 1.0, ids, scratch))
-        wider = width
-        while True:
-            wider *= 2.0
-            ids = np.flatnonzero(row >= np.float32(top - wider)) if wider < 1e3 else np.flatnonzero(row > -np.inf)
-            values = row[ids] - np.float32(top)
-            weights = np.exp(values)
-            if wider >= 1e3 or float(weights.sum(dtype=np.float64)) >= target:
-                break
-        order = np.argsort(-values, kind="stable")
-        n = int(np.searchsorted(np.cumsum(weights[order], dtype=np.float64), target, side="left")) + 1
-        kept = order[: min(n, len(order))]
-        return ids[kept], values[kept]
-    # Sort only as much of the head as the cut can need: the tokens within a narrower width, if they reach the
-    # target however heavy the tail.
-    near_ids, near_values, near_weights = ids, values, weights
-    for narrow in (_FIRST_WIDTH, 2 * _FIRST_WIDTH):
-        if narrow < width:
-            near = values >= -narrow
-            if float(weights[near].sum(dtype=np.float64)) >= high:
-                near_ids, near_values, near_weights = ids[near], values[near], weights[near]
-                break
-    order = np.argsort(-near_values, kind="stable")
-    cumulative = np.cumsum(near_weights[order], dtype=np.float64)
-    n = int(np.searchsorted(cumulative, low, side="left")) + 1
-    if n != int(np.searchsorted(cumulative, high, side="left")) + 1:
-        # The tail's mass decides where the cut falls: compute it.
-        mass = head_mass + _tail_mass(row, top, 1.0, ids, scratch)
-        n = int(np.searchsorted(cumulative, top_p * mass, side="left")) + 1
-    kept = order[: min(n, len(order))]
-    return near_ids[kept], near_values[kept]
-
-
-def _draw_all(
-    row: np.ndarray,
-    top: float,
-    temperature: float,
-    ids: np.ndarray,
-    values: np.ndarray,
-    width: float,
-    u_part: float,
-    u_token: float,
-    scratch: np.ndarray,
-) -> int:
-    """A draw from ``softmax(row / temperature)`` over the whole vocabulary, given its head (``ids``, ``values``:
-    every token within ``width`` of the highest logit, whose tempered weight is at least exp(-width / temperature)).
-
-    ``u_part`` picks the head with probability head mass / total mass: certainly the head when it is below the
-    head's share at the tail's largest possible mass, otherwise the tail's mass is computed exactly. ``u_token``
-    then picks within the part, by inverse CDF.
-    """
-    weights = np.exp(values / np.float32(temperature))
-    head_mass = float(weights.sum(dtype=np.float64))
-    bound = (len(row) - len(ids)) * math.exp(-width / temperature)
-    if u_part * (head_mass + bound) < head_mass:
-        return int(ids[_inverse_cdf(weights, u_token)])
-    tail = _tail_mass(row, top, 1.0 / temperature, ids, scratch)
-    if u_part * (head_mass + tail) < head_mass or tail <= 0.0:
-        return int(ids[_inverse_cdf(weights, u_token)])
+    scratch[ids] = 0.0
+    tail = float(scratch.sum(dtype=np.float64))
+    share = head_mass / (head_mass + tail)  # the head's true share, at least ``certain``
+    if u < share or tail <= 0.0:
+        # u is uniform on [certain, share) here: stretched to [0, 1), the token within the head is as likely as
+        # in the branch above.
+        return int(ids[_inverse_cdf(weights, (u - certain) / (share - certain) if share > certain else 0.5)])
+    rest = (u - share) / (1.0 - share)  # uniform on [0, 1): where in the tail
     # The tail, by blocks: their sums first, then the cumulative sum of the one block the target falls in.
     n = len(scratch)
     full = n - n % _BLOCK
     sums = scratch[:full].reshape(-1, _BLOCK).sum(axis=1, dtype=np.float64)
     if full < n:
         sums = np.append(sums, scratch[full:].sum(dtype=np.float64))
-    b = _inverse_cdf(sums, u_token)
+    cumulative = np.cumsum(sums)
+    b = min(int(np.searchsorted(cumulative, rest * cumulative[-1], side="right")), len(sums) - 1)
+    while sums[b] == 0.0:
+        b -= 1
     start = b * _BLOCK
     block = scratch[start : start + _BLOCK].astype(np.float64)
-    cumulative = np.cumsum(sums)
-    rest = u_token * cumulative[-1] - (cumulative[b - 1] if b else 0.0)
-    i = min(int(np.searchsorted(np.cumsum(block), rest, side="right")), len(block) - 1)
+    within = rest * cumulative[-1] - (cumulative[b - 1] if b else 0.0)
+    i = min(int(np.searchsorted(np.cumsum(block), within, side="right")), len(block) - 1)
     while block[i] == 0.0:
         i -= 1
     return start + i
