@@ -160,11 +160,15 @@ NARROW = ["temperature 1.3", "top_p 0.95", "llama-server's chain", "penalties an
 
 
 @pytest.mark.parametrize(
-    ("name", "width"), [(name, batch_sampling._HEAD_WIDTH) for name in CASES] + [(name, 0.5) for name in NARROW]
+    ("name", "head", "draw"),
+    [(name, batch_sampling._HEAD_WIDTH, batch_sampling._DRAW_WIDTH) for name in CASES]
+    + [(name, 0.5, 1.0) for name in NARROW],
 )
-def test_draws_follow_llama_cpps_distribution(name: str, width: float, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(batch_sampling, "_HEAD_WIDTH", width)
-    monkeypatch.setattr(batch_sampling, "_DRAW_WIDTH", 2 * width)
+def test_draws_follow_llama_cpps_distribution(
+    name: str, head: float, draw: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(batch_sampling, "_HEAD_WIDTH", head)
+    monkeypatch.setattr(batch_sampling, "_DRAW_WIDTH", draw)
     monkeypatch.setattr(batch_sampling, "_BLOCK", 1024)  # the tail's draw then has whole blocks and a partial one
     params = CASES[name]
     history = HISTORY if name == "penalties and bias" else ()

@@ -20,7 +20,8 @@ Nothing is approximated: top-k and top-p start from the tokens above a threshold
 provably inside, and sort only the few tokens where the cut falls (top-p needs the full softmax normaliser, one
 pass of ``exp``); sampling the whole vocabulary (temperature alone) weighs the head first, computes the tail's mass
 only when its bound does not decide, and then sums block by block and searches only the block the uniform lands
-in. Probabilities are computed in float32 and accumulated in float64, as precise as llama.cpp's own sampler.
+in. Probabilities are computed in float32 and accumulated in float64 (top-p's normaliser by float32's pairwise sum,
+within 1e-6), as precise as llama.cpp's own sampler.
 
 Each sequence owns a generator seeded from the request's seed and its choice index, and draws exactly one uniform
 per sampled token, so a seeded request gives the same tokens whatever else runs in the batch.
@@ -254,21 +255,20 @@ def _nucleus(row: np.ndarray, top: float, top_p: float, scratch: np.ndarray) -> 
     (doubling the width until they hold the target mass), their masses summed in bands of ``_BAND`` nats, and only
     the band the cut falls in is sorted.
     """
+    # Only ratios of weights matter, so while the highest logit allows they are taken relative to e^0 rather than to
+    # the highest, saving a pass: no overflow (the sum stays below 262k x e^40) and nothing that matters lost to
+    # underflow (below e^-87 against e^-20 or more).
     if _RAW_EXP_LOW <= top <= _RAW_EXP_HIGH:
-        # Weights relative to e^0 rather than to the highest: the same ratios, one pass less, no overflow (the sum
-        # stays below 262k x e^40) and nothing that matters lost to underflow (below e^-87 against e^-20 or more).
         np.exp(row, out=scratch)
-        scale = math.exp(top)
     else:
         np.subtract(row, np.float32(top), out=scratch)
         np.exp(scratch, out=scratch)
-        scale = 1.0
     # float32's pairwise sum: within 1e-6 of the exact normaliser, where the cut moves by a token of weight e^-8.
-    target = top_p * float(scratch.sum()) / scale
+    target = top_p * float(scratch.sum())
     width = _HEAD_WIDTH
     while True:
         ids = _within(row, top, width)
-        weights = scratch[ids] / np.float32(scale) if scale != 1.0 else scratch[ids]
+        weights = scratch[ids]
         if width >= _ALL or float(weights.sum(dtype=np.float64)) >= target:
             break
         width *= 2.0
@@ -326,10 +326,8 @@ def _draw_all(row: np.ndarray, top: float, temperature: float, u: float, scratch
     sums = scratch[:full].reshape(-1, _BLOCK).sum(axis=1, dtype=np.float64)
     if full < n:
         sums = np.append(sums, scratch[full:].sum(dtype=np.float64))
+    b = _inverse_cdf(sums, rest)
     cumulative = np.cumsum(sums)
-    b = min(int(np.searchsorted(cumulative, rest * cumulative[-1], side="right")), len(sums) - 1)
-    while sums[b] == 0.0:
-        b -= 1
     start = b * _BLOCK
     block = scratch[start : start + _BLOCK].astype(np.float64)
     within = rest * cumulative[-1] - (cumulative[b - 1] if b else 0.0)
